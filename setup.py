@@ -1,0 +1,37 @@
+"""scm_jax: continuous-time consistency models (sCM) in JAX/Flax."""
+import setuptools
+
+CORE = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=1.0",
+    "chex>=0.1.88",
+    "clu>=0.0.12",
+    "tensorflow-datasets>=4.9.8",
+    "grain>=0.2.10",
+    "scikit-learn>=1.3",
+    "scipy>=1.11",
+    "numpy>=1.26",
+    "tensorboardX>=2.6",
+    "pillow>=10.0",
+    "absl-py>=2.0",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8.0"],
+    "tpu": ["jax[tpu]"],
+    "gpu": ["jax[cuda12]", "jax-triton>=0.3"],
+    "data": ["tensorflow-cpu>=2.16"],
+}
+
+setuptools.setup(
+    name="scm_jax",
+    version="0.1.0",
+    description="Simplified, stabilized and scaled continuous-time consistency models (sCM) in JAX/Flax",
+    packages=setuptools.find_packages(include=["scm_jax", "scm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
