@@ -1,0 +1,59 @@
+"""Entry point: python -m scm_jax.main --config=experiments/<name>.py[:args] --workdir=DIR
+
+Runs config.stage: one of teacher | scd | sct | dscd | eval, or 'all' (the whole pipeline in
+order, each stage in <workdir>/<stage>, skipping work already done). Re-running the same command
+resumes from the last checkpoints. On a multi-host pod, pass --distributed on every worker.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and results.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def run(config, workdir: str, *, log=print) -> None:
+    """Dispatches config.stage. Importable so tests and notebooks can call it directly."""
+    from scm_jax import configs, train
+
+    configs.validate(config)
+    if config.dry_run:
+        from scm_jax import train_step as ts
+        import jax
+
+        stage = ts.build_stage(config, "teacher")
+        abstract = train.abstract_train_state(stage, train.image_shape(config))
+        count = sum(x.size for x in jax.tree.leaves(abstract.params["net"]))
+        log(config)
+        log(f"backbone parameters: {count:,}")
+        return
+    stages = configs.PIPELINE if config.stage == "all" else (config.stage,)
+    for name in stages:
+        if name == "eval":
+            from scm_jax import evaluate
+
+            evaluate.evaluate_all(config, workdir, log=log)
+        else:
+            log(f"=== stage {name} ===")
+            train.train_stage(config, name, workdir, log=log)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+    if FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    run(FLAGS.config, FLAGS.workdir, log=lambda msg: print(msg, flush=True))
+
+
+if __name__ == "__main__":
+    app.run(main)

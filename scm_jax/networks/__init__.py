@@ -1,0 +1,68 @@
+"""Backbones behind one interface.
+
+Every backbone is a Flax linen module called as
+`module.apply({'params': p}, x, t, y=None, guidance=None, train=..., rngs={'dropout': key})`
+with x: [B, H, W, C] (already divided by sigma_d), t: [B] TrigFlow times, y: [B] int labels,
+guidance: [B] CFG scales; it returns F with x's shape, in float32.
+"""
+import jax.numpy as jnp
+import ml_collections
+
+from scm_jax.networks.attention import ATTENTION_IMPLS
+from scm_jax.networks.layers import AdaptiveWeight
+from scm_jax.networks.unet import UNet
+
+BACKBONES = {"unet": UNet}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build_network(model: ml_collections.ConfigDict, *, dropout: float | None = None,
+                  dtype: str | None = None):
+    """Builds the backbone named by `model.name` from the config's `model` section.
+
+    `dropout` overrides `model.dropout` (each training stage sets its own rate); `dtype` overrides
+    the compute dtype (e.g. a float32 tangent pass for a bfloat16 model).
+    """
+    dtype = model.dtype if dtype is None else dtype
+    if model.name not in BACKBONES:
+        raise ValueError(f"unknown model.name {model.name!r}; expected one of {sorted(BACKBONES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown model dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if model.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"unknown model.attention_impl {model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+    rate = model.dropout if dropout is None else dropout
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {rate}")
+    return BACKBONES[model.name](
+        channels=model.channels,
+        channel_mult=tuple(model.channel_mult),
+        num_blocks=model.num_blocks,
+        attn_resolutions=tuple(model.attn_resolutions),
+        num_heads=model.num_heads,
+        dropout=rate,
+        noise_channels=model.noise_channels,
+        emb_channels=model.emb_channels,
+        num_classes=model.num_classes,
+        guidance_input=model.guidance_input,
+        attention_impl=model.attention_impl,
+        dtype=DTYPES[dtype],
+    )
+
+
+def bind_apply(module, *, train: bool):
+    """The network as a pure function F(params, x_scaled, t, cond, dropout_key) -> F.
+
+    cond is a dict with optional 'y' ([B] int labels) and 'guidance' ([B] scales). This is the
+    form the losses and samplers take; with train=False the dropout key is ignored.
+    """
+
+    def net_fn(params, x, t, cond, dropout_key=None):
+        rngs = {"dropout": dropout_key} if train and dropout_key is not None else {}
+        return module.apply({"params": params}, x, t, cond.get("y"), cond.get("guidance"),
+                            train=train, rngs=rngs)
+
+    return net_fn
+
+
+__all__ = ["AdaptiveWeight", "BACKBONES", "UNet", "bind_apply", "build_network"]

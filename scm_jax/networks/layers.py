@@ -1,0 +1,105 @@
+"""Building blocks shared by the backbones: time embedding, ADN, conditioning.
+
+All embedding math runs in float32 whatever the compute dtype (DESIGN.md §3, digest §9.4): the
+sCM tangent differentiates through the time embedding, and its derivative is what Sec. 4.1 of the
+paper stabilizes.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+# Positional embedding emb(c) = [cos(c w_k), sin(c w_k)], w_k = (1/max_positions)^(k/(half-1))
+# (EDM's PositionalEmbedding with endpoint=True). Fed c_noise(t) = t in radians, this is the
+# "s ~ 0.02" embedding of sCM Sec. 4.1: bounded d emb / dt, unlike Fourier scale 16.
+def positional_embedding(c: jax.Array, num_channels: int, max_positions: float = 10000.0):
+    """c: [B] -> [B, num_channels] float32."""
+    if num_channels % 2 or num_channels < 4:
+        raise ValueError(f"positional embedding needs an even width >= 4, got {num_channels}")
+    half = num_channels // 2
+    freqs = (1.0 / max_positions) ** (jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    angles = c.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+# pnorm(a) = a / sqrt(mean_c a^2 + eps): pixel normalization over channels (Karras et al. 2017),
+# applied to the per-sample scale and shift of ADN (sCM Sec. 4.1).
+def pixel_norm(a: jax.Array, eps: float = 1e-8) -> jax.Array:
+    a32 = a.astype(jnp.float32)
+    return (a32 * jax.lax.rsqrt(jnp.mean(a32**2, axis=-1, keepdims=True) + eps)).astype(a.dtype)
+
+
+class AdaptiveDoubleNorm(nn.Module):
+    """Adaptive double normalization: y = norm(h) * pnorm(s(emb)) + pnorm(b(emb)) (sCM Sec. 4.1).
+
+    norm is a GroupNorm without affine parameters; s and b come from one Dense of width 2C on
+    the embedding. No "+1" on the scale: the paper's formula taken literally (digest §3.3).
+    h: [B, H, W, C]; emb: [B, E] -> [B, H, W, C].
+    """
+
+    groups: int = 8
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array, emb: jax.Array) -> jax.Array:
+        channels = h.shape[-1]
+        h = nn.GroupNorm(num_groups=min(self.groups, channels), use_bias=False, use_scale=False,
+                         dtype=self.dtype, name="norm")(h)
+        scale_shift = nn.Dense(2 * channels, dtype=jnp.float32, name="affine")(emb)
+        scale, shift = jnp.split(scale_shift, 2, axis=-1)
+        scale = pixel_norm(scale)[:, None, None, :].astype(h.dtype)
+        shift = pixel_norm(shift)[:, None, None, :].astype(h.dtype)
+        return h * scale + shift
+
+
+class ConditioningEmbedding(nn.Module):
+    """Embedding of time, class label and (optionally) guidance scale: [B] inputs -> [B, E].
+
+    emb = MLP(pos(c_noise(t))) + Embed(y) + Dense(pos(s)). Class index `num_classes` is the
+    null label used for classifier-free guidance dropout. The guidance scale enters through its
+    own positional embedding and a linear layer, added to the time embedding (digest §9.16);
+    it is a constant in the sCM JVP (zero tangent).
+    """
+
+    emb_channels: int
+    noise_channels: int
+    num_classes: int = 0
+    guidance_input: bool = False
+
+    @nn.compact
+    def __call__(self, t, y=None, guidance=None):
+        emb = positional_embedding(t, self.noise_channels)
+        emb = nn.Dense(self.emb_channels, name="time_dense0")(emb)
+        emb = nn.Dense(self.emb_channels, name="time_dense1")(nn.silu(emb))
+        if self.num_classes:
+            if y is None:
+                raise ValueError("this network is class-conditional: pass labels y of shape [B]")
+            emb = emb + nn.Embed(self.num_classes + 1, self.emb_channels, name="class_embed")(y)
+        elif y is not None:
+            raise ValueError("labels were given to an unconditional network (model.num_classes=0)")
+        if self.guidance_input:
+            if guidance is None:
+                raise ValueError("this network takes a guidance scale: pass guidance of shape [B]")
+            g = positional_embedding(jnp.broadcast_to(guidance, t.shape), self.noise_channels)
+            # Zero-initialized so a student initialized from an unguided teacher starts identical to it.
+            emb = emb + nn.Dense(self.emb_channels, kernel_init=nn.initializers.zeros,
+                                 name="guidance_dense")(g)
+        return nn.silu(emb)
+
+
+class AdaptiveWeight(nn.Module):
+    """The learned loss weighting w_phi(t) of EDM2 / sCM Eq. 8: [B] times -> [B] log-weights.
+
+    A positional embedding of t and one zero-initialized linear layer, so training starts from
+    w = 0 (uniform weighting). Sign convention w_phi = -logvar (digest §9.15). Trained freshly in
+    every stage; the tangent never passes through it.
+    """
+
+    channels: int = 128
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        feats = positional_embedding(t, self.channels)
+        return nn.Dense(1, kernel_init=nn.initializers.zeros, name="linear")(feats)[:, 0]

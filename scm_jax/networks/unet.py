@@ -1,0 +1,109 @@
+"""A small U-Net with the sCM architecture changes (sCM Sec. 4.1).
+
+Changes from a DDPM++-style U-Net, as the paper makes them:
+- the time input is c_noise(t) = t through a positional embedding (no 1000x, no Fourier 16);
+- every residual block modulates with adaptive double normalization (ADN);
+- optional class conditioning (with a null label for CFG) and a guidance-scale input.
+
+The network computes F in x_t / sigma_d space: preconditioning (c_skip = cos t, c_out =
+-sigma_d sin t, Eq. 23) lives in `trigflow.consistency_fn`, not here.
+"""
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scm_jax.networks.attention import SelfAttention
+from scm_jax.networks.layers import AdaptiveDoubleNorm, ConditioningEmbedding
+
+
+class ResBlock(nn.Module):
+    """x -> (skip(x) + conv1(drop(silu(ADN(conv0(silu(norm(x))), emb))))) / sqrt(2).
+
+    x: [B, H, W, Cin], emb: [B, E] -> [B, H, W, Cout].
+    """
+
+    out_channels: int
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb, *, train: bool):
+        cin = x.shape[-1]
+        h = nn.GroupNorm(num_groups=min(8, cin), dtype=self.dtype, name="norm0")(x)
+        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv0")(nn.silu(h))
+        h = AdaptiveDoubleNorm(dtype=self.dtype, name="adn")(h, emb)
+        h = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(nn.silu(h))
+        # Zero-initialized last conv: each block starts as its skip path (DDPM++ init_zero).
+        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype,
+                    kernel_init=nn.initializers.zeros, name="conv1")(h)
+        if cin != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip")(x)
+        return (x + h) / jnp.sqrt(2.0).astype(h.dtype)
+
+
+class UNet(nn.Module):
+    """F_theta(x_t / sigma_d, c_noise(t), y, s). x: [B, H, W, C] -> [B, H, W, C] (float32 out).
+
+    Resolutions halve once per entry of `channel_mult` after the first. Attention runs at the
+    resolutions listed in `attn_resolutions` (in pixels).
+    """
+
+    channels: int = 32
+    channel_mult: Sequence[int] = (1, 2)
+    num_blocks: int = 2
+    attn_resolutions: Sequence[int] = (4,)
+    num_heads: int = 1
+    dropout: float = 0.0
+    noise_channels: int = 64
+    emb_channels: int = 128
+    num_classes: int = 0
+    guidance_input: bool = False
+    attention_impl: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t, y=None, guidance=None, *, train: bool = False):
+        if x.ndim != 4:
+            raise ValueError(f"expected x of shape [B, H, W, C], got {x.shape}")
+        if t.shape != x.shape[:1]:
+            raise ValueError(f"expected t of shape [B]={x.shape[:1]}, got {t.shape}")
+        emb = ConditioningEmbedding(self.emb_channels, self.noise_channels, self.num_classes,
+                                    self.guidance_input, name="embed")(t, y, guidance)
+        block = lambda c, name: ResBlock(c, self.dropout, self.dtype, name=name)  # noqa: E731
+        attend = lambda name: SelfAttention(self.num_heads, self.attention_impl, self.dtype,  # noqa: E731
+                                            name=name)
+
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        skips = [h]
+        for level, mult in enumerate(self.channel_mult):
+            res = x.shape[1] >> level
+            if level:
+                h = nn.avg_pool(h, (2, 2), (2, 2))
+                skips.append(h)
+            for i in range(self.num_blocks):
+                h = block(self.channels * mult, f"enc_{res}x{res}_block{i}")(h, emb, train=train)
+                if res in self.attn_resolutions:
+                    h = attend(f"enc_{res}x{res}_attn{i}")(h)
+                skips.append(h)
+
+        res = x.shape[1] >> (len(self.channel_mult) - 1)
+        h = block(h.shape[-1], f"mid_{res}x{res}_block0")(h, emb, train=train)
+        h = attend(f"mid_{res}x{res}_attn")(h)
+        h = block(h.shape[-1], f"mid_{res}x{res}_block1")(h, emb, train=train)
+
+        for level in reversed(range(len(self.channel_mult))):
+            res = x.shape[1] >> level
+            for i in range(self.num_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                c = self.channels * self.channel_mult[level]
+                h = block(c, f"dec_{res}x{res}_block{i}")(h, emb, train=train)
+                if res in self.attn_resolutions:
+                    h = attend(f"dec_{res}x{res}_attn{i}")(h)
+            if level:
+                h = jax.image.resize(h, (h.shape[0], 2 * res, 2 * res, h.shape[-1]), "nearest")
+
+        h = nn.silu(nn.GroupNorm(num_groups=min(8, h.shape[-1]), dtype=self.dtype, name="norm_out")(h))
+        out = nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name="conv_out")(h)
+        return out.astype(jnp.float32)

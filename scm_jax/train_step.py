@@ -1,0 +1,198 @@
+"""The pure pieces of a training stage: its state, its models and its jittable step.
+
+Nothing here knows meshes, data loading, checkpoints or logging (that is `train.py`). A step is
+
+    key   = fold_in(state.rng, state.step)
+    tgt   = <objective>_targets(key, batch, stopgrad(params), ...)     # no gradient: sampling,
+                                                                      # teacher, tangent JVP
+    loss, grads = value_and_grad(weighted_regression)(params, tgt)    # the one differentiated pass
+    params, opt_state = optimizer update;  ema = beta ema + (1 - beta) params
+
+which is Algorithm 1 (sCT/sCD), Algorithm 2 (dsCD) or EDM2-style diffusion training (teacher).
+"""
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from scm_jax import ema as ema_lib
+from scm_jax import losses
+from scm_jax.networks import AdaptiveWeight, bind_apply, build_network
+from scm_jax.optimizers import build_optimizer
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array          # int32 [], optimizer steps taken
+    params: Any              # {'net': backbone params, 'weight': w_phi params}
+    opt_state: Any
+    ema: Any                 # EMA of params['net']
+    rng: jax.Array           # uint32 [2], the stage's base key
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A training stage's static pieces, built from the config."""
+
+    name: str
+    cfg: Any                          # the stage's ConfigDict (config.teacher / .scd / ...)
+    model_cfg: Any
+    sigma_d: float
+    module: Any                       # backbone with the stage's dropout
+    net_train: Callable               # F(params, x, t, cond, key), train mode
+    net_tangent: Callable             # same, possibly in config.<stage>.jvp_dtype
+    net_eval: Callable                # F(params, x, t, cond), eval mode
+    weight_module: Any
+    optimizer: optax.GradientTransformation
+
+
+def build_stage(config, name: str) -> Stage:
+    cfg = config[name]
+    module = build_network(config.model, dropout=cfg.dropout)
+    tangent_module = module
+    if cfg.kind != "diffusion" and cfg.jvp_dtype and cfg.jvp_dtype != config.model.dtype:
+        tangent_module = build_network(config.model, dropout=cfg.dropout, dtype=cfg.jvp_dtype)
+    eval_fn = bind_apply(module, train=False)
+    return Stage(
+        name=name, cfg=cfg, model_cfg=config.model, sigma_d=float(config.data.sigma_d),
+        module=module, net_train=bind_apply(module, train=True),
+        net_tangent=bind_apply(tangent_module, train=True),
+        net_eval=lambda p, x, t, cond, key=None: eval_fn(p, x, t, cond),
+        weight_module=AdaptiveWeight(config.model.weight_channels),
+        optimizer=build_optimizer(cfg.optimizer))
+
+
+def example_inputs(stage: Stage, image_shape, batch_size: int = 1):
+    """Dummy (x, t, cond) for initialization; shapes only matter."""
+    x = jnp.zeros((batch_size,) + tuple(image_shape), jnp.float32)
+    t = jnp.ones((batch_size,), jnp.float32)
+    cond = {}
+    if stage.model_cfg.num_classes:
+        cond["y"] = jnp.zeros((batch_size,), jnp.int32)
+    if stage.model_cfg.guidance_input:
+        cond["guidance"] = jnp.ones((batch_size,), jnp.float32)
+    return x, t, cond
+
+
+def init_state(stage: Stage, key, image_shape) -> TrainState:
+    """Fresh parameters, optimizer state and EMA (EMA starts at the parameters)."""
+    k_net, k_weight, k_rng = jax.random.split(key, 3)
+    x, t, cond = example_inputs(stage, image_shape)
+    net = stage.module.init({"params": k_net}, x, t, cond.get("y"), cond.get("guidance"),
+                            train=False)["params"]
+    weight = stage.weight_module.init(k_weight, t)["params"]
+    params = {"net": net, "weight": weight}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=stage.optimizer.init(params), ema=net, rng=k_rng)
+
+
+def with_net_params(stage: Stage, state: TrainState, net_params) -> TrainState:
+    """Replaces the backbone parameters (e.g. by the teacher's EMA: the paper's CM init)."""
+    params = dict(state.params, net=net_params)
+    ema = jax.tree.map(jnp.copy, net_params)  # own buffers: the train step donates both
+    return state.replace(params=params, opt_state=stage.optimizer.init(params), ema=ema)
+
+
+def merge_teacher_params(fresh, teacher, where: str):
+    """Teacher EMA into a freshly initialized student of the same architecture (sCM §4.2).
+
+    Entries only the student has (the guidance-scale input) keep their fresh (zero) init; any
+    other difference is an error naming the entry.
+    """
+    fresh_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+    teach_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(teacher)[0]}
+    for key, value in teach_flat.items():
+        if key not in fresh_flat:
+            raise ValueError(f"teacher at {where} has parameter {key} that the student lacks")
+        if value.shape != fresh_flat[key].shape:
+            raise ValueError(f"teacher at {where}: {key} has shape {value.shape}, the student "
+                             f"expects {fresh_flat[key].shape}")
+    for key in fresh_flat:
+        if key not in teach_flat and "guidance" not in key:
+            raise ValueError(f"teacher at {where} lacks parameter {key}")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, v: teach_flat.get(jax.tree_util.keystr(p), v), fresh)
+
+
+def _conditioning(stage: Stage, key, batch):
+    """cond for the student: labels (with label dropout for the teacher) and guidance scales."""
+    cond = {}
+    b = batch["image"].shape[0]
+    k_drop, k_guid = jax.random.split(key)
+    if stage.model_cfg.num_classes:
+        y = batch["label"].astype(jnp.int32)
+        if stage.cfg.kind == "diffusion" and stage.cfg.label_dropout > 0:
+            null = jax.random.bernoulli(k_drop, stage.cfg.label_dropout, (b,))
+            y = jnp.where(null, stage.model_cfg.num_classes, y)
+        cond["y"] = y
+    if stage.model_cfg.guidance_input:
+        g = stage.cfg.guidance
+        cond["guidance"] = jax.random.uniform(k_guid, (b,), jnp.float32, g.scale_min, g.scale_max)
+    return cond
+
+
+def teacher_velocity_fn(stage: Stage, teacher_net_eval, teacher_params):
+    """dx/dt = sigma_d F_teacher, guided when the stage's guidance scale is not 1 (Alg. 1)."""
+    g = stage.cfg.guidance
+    fixed_unguided = g.scale_min == g.scale_max == 1.0
+
+    def velocity(x_t, t, cond):
+        if fixed_unguided:
+            scale = None
+        elif "guidance" in cond:
+            scale = cond["guidance"]
+        else:
+            scale = jnp.full(t.shape, g.scale_min, jnp.float32)
+        return losses.teacher_velocity(teacher_net_eval, teacher_params, x_t, t, cond,
+                                       sigma_d=stage.sigma_d, guidance_scale=scale,
+                                       null_label=stage.model_cfg.num_classes)
+
+    return velocity
+
+
+def make_train_step(stage: Stage, teacher_net_eval=None):
+    """Returns step(state, batch, teacher_params) -> (state, metrics); pure, jittable."""
+    cfg, lcfg = stage.cfg, stage.cfg.loss
+    needs_teacher = cfg.kind == "discrete" or (cfg.kind == "scm" and cfg.tangent == "teacher")
+    if needs_teacher and teacher_net_eval is None:
+        raise ValueError(f"stage {stage.name} distills a teacher but none was given")
+
+    def targets(key, batch, net_params, step, teacher_params):
+        k_cond, k_loss = jax.random.split(key)
+        cond = _conditioning(stage, k_cond, batch)
+        x0 = batch["image"]
+        common = dict(sigma_d=stage.sigma_d, p_mean=lcfg.p_mean, p_std=lcfg.p_std)
+        if cfg.kind == "diffusion":
+            return losses.diffusion_targets(k_loss, x0, cond, **common)
+        teacher = (teacher_velocity_fn(stage, teacher_net_eval, teacher_params)
+                   if needs_teacher else None)
+        cm = dict(net_fn=stage.net_tangent, params=net_params, step=step,
+                  tangent_c=lcfg.tangent_c, warmup_steps=lcfg.warmup_steps,
+                  tangent_norm=lcfg.tangent_norm, **common)
+        if cfg.kind == "scm":
+            return losses.scm_targets(k_loss, x0, cond, teacher=teacher,
+                                      prior_weighting=lcfg.prior_weighting, **cm)
+        return losses.discrete_cm_targets(k_loss, x0, cond, teacher=teacher,
+                                          num_points=lcfg.num_points, **cm)
+
+    objective = functools.partial(losses.weighted_regression, net_fn=stage.net_train,
+                                  weight_fn=lambda p, t: stage.weight_module.apply({"params": p}, t))
+
+    def train_step(state: TrainState, batch, teacher_params):
+        key = jax.random.fold_in(state.rng, state.step)
+        tgt = targets(key, batch, jax.lax.stop_gradient(state.params["net"]), state.step,
+                      teacher_params)
+        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, tgt)
+        updates, opt_state = stage.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        beta = ema_lib.ema_decay(cfg.ema.kind, cfg.ema.value, state.step, cfg.batch_size)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema=ema_lib.update_ema(state.ema, params["net"], beta))
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return new_state, metrics
+
+    return train_step
