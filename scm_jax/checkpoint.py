@@ -21,9 +21,21 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint on disk was written by a run of a different shape."""
 
 
+def _path_name(path) -> str:
+    """'params/net/conv_in/kernel' whether the tree holds dataclasses, dicts or lists."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return "/".join(parts)
+
+
 def _leaf_shapes(tree) -> dict:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in flat}
+    return {_path_name(path): tuple(leaf.shape) if hasattr(leaf, "shape") else ()
+            for path, leaf in flat}
 
 
 def compare_trees(expected, found, where: str) -> None:

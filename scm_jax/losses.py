@@ -42,12 +42,17 @@ class Targets:
     consistency: bool = struct.field(pytree_node=False)
 
 
+def _f32(a):
+    """At least float32: bf16/f16 network outputs are upcast, float64 (tests) is kept."""
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+
 def _bcast(a, x):
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def _per_sample_sq_norm(a):
-    return jnp.sum(jnp.square(a.astype(jnp.float32)), axis=tuple(range(1, a.ndim)))
+    return jnp.sum(jnp.square(_f32(a)), axis=tuple(range(1, a.ndim)))
 
 
 def draw_noisy(key, x0, *, sigma_d, p_mean, p_std):
@@ -88,10 +93,10 @@ def scm_tangent(net_fn, params, x_t, t, dxdt, cond, dropout_key, *, sigma_d, war
     fn = lambda x, tt: net_fn(params, x, tt, cond, dropout_key)  # noqa: E731
     F_minus, dF = jax.jvp(fn, (x_t / sigma_d, t),
                           (cs * dxdt, jnp.cos(t) * jnp.sin(t) * sigma_d))
-    F_minus = F_minus.astype(jnp.float32)
+    F_minus = _f32(F_minus)
     cos_t = _bcast(jnp.cos(t), x_t)
     g = -jnp.square(cos_t) * (sigma_d * F_minus - dxdt)
-    g = g - warmup_ratio * (cs * x_t + dF.astype(jnp.float32))
+    g = g - warmup_ratio * (cs * x_t + _f32(dF))
     if prior_weighting == "uniform":
         g = g * _bcast(sigma_d * jnp.tan(t), x_t)
     return F_minus, g
@@ -133,11 +138,11 @@ def teacher_velocity(teacher_fn, teacher_params, x_t, t, cond, *, sigma_d, guida
     # The teacher sees labels only: the guidance scale is an input of the student alone.
     teacher_cond = {"y": cond["y"]} if cond.get("y") is not None else {}
     if guidance_scale is None:
-        return sigma_d * teacher_fn(teacher_params, x, t, teacher_cond).astype(jnp.float32)
+        return sigma_d * _f32(teacher_fn(teacher_params, x, t, teacher_cond))
     y = teacher_cond["y"]
     both = {"y": jnp.concatenate([y, jnp.full_like(y, null_label)])}
     F = teacher_fn(teacher_params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-    F_c, F_u = jnp.split(F.astype(jnp.float32), 2)
+    F_c, F_u = jnp.split(_f32(F), 2)
     return sigma_d * classifier_free_guidance(F_c, F_u, _bcast(guidance_scale, x))
 
 
@@ -201,8 +206,8 @@ def discrete_tangent(net_fn, params, teacher, x_t, t, t_prev, cond, dropout_key,
     dxdt = teacher(x_t, t, cond)
     delta = t - t_prev
     x_prev = trigflow.ddim_step(x_t, t, t_prev, dxdt / sigma_d, sigma_d)
-    F_t = net_fn(params, x_t / sigma_d, t, cond, dropout_key).astype(jnp.float32)
-    F_prev = net_fn(params, x_prev / sigma_d, t_prev, cond, dropout_key).astype(jnp.float32)
+    F_t = _f32(net_fn(params, x_t / sigma_d, t, cond, dropout_key))
+    F_prev = _f32(net_fn(params, x_prev / sigma_d, t_prev, cond, dropout_key))
     cos_d, sin_d = _bcast(jnp.cos(delta), x_t), _bcast(jnp.sin(delta), x_t)
     first = -_bcast(jnp.cos(t_prev), x_t) * (sigma_d * F_t - dxdt)
     second = _bcast(jnp.sin(t_prev), x_t) * (x_t + sigma_d * (cos_d * F_t - F_prev) / sin_d)
@@ -237,12 +242,13 @@ def weighted_regression(params, targets: Targets, *, net_fn, weight_fn):
     params: {'net': ..., 'weight': ...}.
     """
     F = net_fn(params["net"], targets.x_scaled, targets.t, targets.cond,
-               targets.dropout_key).astype(jnp.float32)
+               targets.dropout_key)
+    F = _f32(F)
     if targets.consistency:
         residual = F - jax.lax.stop_gradient(F) - targets.target
     else:
         residual = F - targets.target
-    w = weight_fn(params["weight"], targets.t).astype(jnp.float32)
+    w = _f32(weight_fn(params["weight"], targets.t))
     d = np.prod(F.shape[1:])
     raw = _per_sample_sq_norm(residual) / d
     loss = jnp.mean(jnp.exp(w) * raw - w)

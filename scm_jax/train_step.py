@@ -92,8 +92,10 @@ def init_state(stage: Stage, key, image_shape) -> TrainState:
 
 def with_net_params(stage: Stage, state: TrainState, net_params) -> TrainState:
     """Replaces the backbone parameters (e.g. by the teacher's EMA: the paper's CM init)."""
-    params = dict(state.params, net=net_params)
-    ema = jax.tree.map(jnp.copy, net_params)  # own buffers: the train step donates both
+    # Own buffers for params and EMA: the train step donates the state, and the teacher's
+    # parameters (passed to the same step) must not alias either.
+    params = dict(state.params, net=jax.tree.map(jnp.copy, net_params))
+    ema = jax.tree.map(jnp.copy, net_params)
     return state.replace(params=params, opt_state=stage.optimizer.init(params), ema=ema)
 
 

@@ -14,7 +14,8 @@ ATTENTION_IMPLS = ("xla",)
 def dot_product_attention(q, k, v):
     """q: [B, N, H, D], k/v: [B, M, H, D] -> [B, N, H, D]; softmax in float32."""
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=acc) * scale
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
 

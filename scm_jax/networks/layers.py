@@ -2,13 +2,16 @@
 
 All embedding math runs in float32 whatever the compute dtype (DESIGN.md §3, digest §9.4): the
 sCM tangent differentiates through the time embedding, and its derivative is what Sec. 4.1 of the
-paper stabilizes.
+paper stabilizes. (float64 stays float64, for the finite-difference tests.)
 """
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+def at_least_f32(dtype):
+    """float32 for low-precision dtypes, the dtype itself for float32/float64."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 # Positional embedding emb(c) = [cos(c w_k), sin(c w_k)], w_k = (1/max_positions)^(k/(half-1))
@@ -19,15 +22,16 @@ def positional_embedding(c: jax.Array, num_channels: int, max_positions: float =
     if num_channels % 2 or num_channels < 4:
         raise ValueError(f"positional embedding needs an even width >= 4, got {num_channels}")
     half = num_channels // 2
-    freqs = (1.0 / max_positions) ** (jnp.arange(half, dtype=jnp.float32) / (half - 1))
-    angles = c.astype(jnp.float32)[:, None] * freqs[None, :]
+    dtype = at_least_f32(c.dtype)
+    freqs = (1.0 / max_positions) ** (jnp.arange(half, dtype=dtype) / (half - 1))
+    angles = c.astype(dtype)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
 # pnorm(a) = a / sqrt(mean_c a^2 + eps): pixel normalization over channels (Karras et al. 2017),
 # applied to the per-sample scale and shift of ADN (sCM Sec. 4.1).
 def pixel_norm(a: jax.Array, eps: float = 1e-8) -> jax.Array:
-    a32 = a.astype(jnp.float32)
+    a32 = a.astype(at_least_f32(a.dtype))
     return (a32 * jax.lax.rsqrt(jnp.mean(a32**2, axis=-1, keepdims=True) + eps)).astype(a.dtype)
 
 
@@ -47,7 +51,7 @@ class AdaptiveDoubleNorm(nn.Module):
         channels = h.shape[-1]
         h = nn.GroupNorm(num_groups=min(self.groups, channels), use_bias=False, use_scale=False,
                          dtype=self.dtype, name="norm")(h)
-        scale_shift = nn.Dense(2 * channels, dtype=jnp.float32, name="affine")(emb)
+        scale_shift = nn.Dense(2 * channels, dtype=at_least_f32(self.dtype), name="affine")(emb)
         scale, shift = jnp.split(scale_shift, 2, axis=-1)
         scale = pixel_norm(scale)[:, None, None, :].astype(h.dtype)
         shift = pixel_norm(shift)[:, None, None, :].astype(h.dtype)

@@ -8,14 +8,14 @@ Changes from a DDPM++-style U-Net, as the paper makes them:
 The network computes F in x_t / sigma_d space: preconditioning (c_skip = cos t, c_out =
 -sigma_d sin t, Eq. 23) lives in `trigflow.consistency_fn`, not here.
 """
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from scm_jax.networks.attention import SelfAttention
-from scm_jax.networks.layers import AdaptiveDoubleNorm, ConditioningEmbedding
+from scm_jax.networks.layers import AdaptiveDoubleNorm, ConditioningEmbedding, at_least_f32
 
 
 class ResBlock(nn.Module):
@@ -106,4 +106,4 @@ class UNet(nn.Module):
 
         h = nn.silu(nn.GroupNorm(num_groups=min(8, h.shape[-1]), dtype=self.dtype, name="norm_out")(h))
         out = nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name="conv_out")(h)
-        return out.astype(jnp.float32)
+        return out.astype(at_least_f32(self.dtype))
