@@ -33,9 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         name="unet",
         channels=8 if tiny else 32,
-        channel_mult=(1, 2),
-        num_blocks=1 if tiny else 2,
-        attn_resolutions=(4,),
+        channel_mult=(1,) if tiny else (1, 2),
+        num_blocks=1,
+        attn_resolutions=() if tiny else (4,),
         num_heads=1,
         dropout=0.0,
         noise_channels=16 if tiny else 64,
@@ -49,20 +49,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=-1))
 
     steps = lambda n: 4 if tiny else n  # noqa: E731
-    batch = 16 if tiny else 128
+    batch = 16 if tiny else 64
     every = dict(log_every=2 if tiny else 100, checkpoint_every=2 if tiny else 500)
     config.teacher = configs.stage_config(
-        "diffusion", steps=steps(4000), batch_size=batch, dropout=0.1, label_dropout=0.1,
+        "diffusion", steps=steps(2000), batch_size=batch, dropout=0.1, label_dropout=0.1,
         loss=dict(p_mean=-0.8, p_std=1.6),
-        optimizer=configs.optimizer_config(lr=2e-3, b2=0.99, schedule="inv_sqrt", t_ref=2000,
+        optimizer=configs.optimizer_config(lr=2e-3, b2=0.99, schedule="inv_sqrt", t_ref=1000,
                                            warmup_steps=100, force_finite=False),
         ema=dict(kind="power", value=0.1), **every)
-    cm = dict(batch_size=batch, loss=dict(p_mean=-1.0, p_std=1.6, warmup_steps=2 if tiny else 300),
+    cm = dict(batch_size=batch, loss=dict(p_mean=-1.0, p_std=1.6, warmup_steps=2 if tiny else 200),
               optimizer=configs.optimizer_config(lr=2e-4, b2=0.99, force_finite=False), ema=dict(kind="power", value=0.1),
               **every)
-    config.scd = configs.stage_config("scm", tangent="teacher", steps=steps(1500), **cm)
-    config.sct = configs.stage_config("scm", tangent="data", steps=steps(1500), dropout=0.1, **cm)
-    config.dscd = configs.stage_config("discrete", steps=steps(1000), **cm)
+    config.scd = configs.stage_config("scm", tangent="teacher", steps=steps(800), **cm)
+    config.sct = configs.stage_config("scm", tangent="data", steps=steps(800), dropout=0.1, **cm)
+    config.dscd = configs.stage_config("discrete", steps=steps(500), **cm)
     config.dscd.loss.num_points = 256
 
     config.eval = ml_collections.ConfigDict(dict(

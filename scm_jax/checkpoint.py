@@ -53,6 +53,12 @@ def compare_trees(expected, found, where: str) -> None:
                 f"on disk but {exp[key]} in the model built from the config")
 
 
+def has_checkpoint(directory: str) -> bool:
+    """True if `directory` holds at least one finished checkpoint (without creating anything)."""
+    root = os.path.join(directory, "checkpoints")
+    return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
+
+
 class CheckpointStore:
     """orbax CheckpointManager for one training stage."""
 

@@ -44,6 +44,19 @@ def run(config, workdir: str, *, log=print) -> None:
             train.train_stage(config, name, workdir, log=log)
 
 
+def parse_flags(argv):
+    """absl flag parsing, with a one-line error for a --config.<key> the config does not define."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as err:
+        name = str(err).strip("\"'")
+        culprits = [a for a in argv if a.startswith("--config.") and name in a.split("=")[0]]
+        sys.exit(f"FATAL: unknown config key {name!r} in {' '.join(culprits) or argv}: "
+                 f"the config file defines no such entry (print them with --config.dry_run=True)")
+    except flags.Error as err:
+        sys.exit(f"FATAL flags parsing error: {err}\nPass --helpshort or --helpfull to see help on flags.")
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
@@ -56,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

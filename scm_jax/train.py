@@ -31,7 +31,7 @@ def stage_record(config, name: str) -> dict:
     """What config.json stores for a stage: what its checkpoints' meaning depends on."""
     st = config[name]
     return json.loads(json.dumps(dict(
-        model=config.model.to_dict(), data=config.data.to_dict(), kind=st.kind,
+        model=ts.stage_model_config(config, name).to_dict(), data=config.data.to_dict(), kind=st.kind,
         optimizer=st.optimizer.to_dict(), ema=st.ema.to_dict(), tangent=st.tangent,
         full=config.to_dict()), default=str))
 
@@ -46,12 +46,13 @@ def restore_stage_ema(config, name: str, workdir: str):
     Raises FileNotFoundError naming the directory when the stage has no checkpoint.
     """
     directory = stage_dir(config, name, workdir)
+    if not ckpt.has_checkpoint(directory):
+        hint = ("run stage=teacher first or set --config.teacher.checkpoint_dir"
+                if name == "teacher" else f"run stage={name} first")
+        raise FileNotFoundError(f"no {name} checkpoint found in {directory}: {hint}")
+    ckpt.check_stage_config(directory, stage_record(config, name))
     store = ckpt.CheckpointStore(directory, async_save=False)
     try:
-        if store.latest_step() is None:
-            hint = ("run stage=teacher first or set --config.teacher.checkpoint_dir"
-                    if name == "teacher" else f"run stage={name} first")
-            raise FileNotFoundError(f"no {name} checkpoint found in {directory}: {hint}")
         stage = ts.build_stage(config, name)
         state, _ = store.restore(abstract_train_state(stage, image_shape(config)))
     finally:

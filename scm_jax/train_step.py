@@ -50,15 +50,26 @@ class Stage:
     optimizer: optax.GradientTransformation
 
 
+def stage_model_config(config, name: str):
+    """config.model as stage `name` uses it: the teacher never takes a guidance-scale input
+    (only the guided student does, sCM Sec. 6), everything else is shared."""
+    model = config.model.copy_and_resolve_references()
+    if name == "teacher":
+        with model.unlocked():
+            model.guidance_input = False
+    return model
+
+
 def build_stage(config, name: str) -> Stage:
     cfg = config[name]
-    module = build_network(config.model, dropout=cfg.dropout)
+    model_cfg = stage_model_config(config, name)
+    module = build_network(model_cfg, dropout=cfg.dropout)
     tangent_module = module
-    if cfg.kind != "diffusion" and cfg.jvp_dtype and cfg.jvp_dtype != config.model.dtype:
-        tangent_module = build_network(config.model, dropout=cfg.dropout, dtype=cfg.jvp_dtype)
+    if cfg.kind != "diffusion" and cfg.jvp_dtype and cfg.jvp_dtype != model_cfg.dtype:
+        tangent_module = build_network(model_cfg, dropout=cfg.dropout, dtype=cfg.jvp_dtype)
     eval_fn = bind_apply(module, train=False)
     return Stage(
-        name=name, cfg=cfg, model_cfg=config.model, sigma_d=float(config.data.sigma_d),
+        name=name, cfg=cfg, model_cfg=model_cfg, sigma_d=float(config.data.sigma_d),
         module=module, net_train=bind_apply(module, train=True),
         net_tangent=bind_apply(tangent_module, train=True),
         net_eval=lambda p, x, t, cond, key=None: eval_fn(p, x, t, cond),

@@ -4,8 +4,10 @@ XLA_FLAGS must be set before JAX is imported anywhere, so this runs first.
 """
 import os
 
+# Optimization level 0 halves XLA:CPU compile times (the suite's main cost); tests run few steps.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(

@@ -44,3 +44,15 @@ def tiny_net_fn(dtype=jnp.float32, key=0, batch=3, **kw):
 def _bound(dtype, kw):
     kw = dict(kw)
     return jax.jit(bind_apply(tiny_unet(dtype=dtype, **kw), train=kw.get("dropout", 0.0) > 0))
+
+
+def load_experiment(name: str, arg: str | None = None):
+    """get_config(arg) of experiments/<name>.py, loaded the way config_flags loads it."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
