@@ -1,0 +1,131 @@
+"""Cost of an sCM training step relative to a diffusion (teacher) step, same network and batch.
+
+    python benchmarks/step_cost.py [--config=experiments/digits.py] [--batch=64] [--steps=20]
+                                   [--json=PATH]
+
+For each stage (teacher, sCT, sCD, dsCD) it compiles the jitted train step once, times `--steps`
+calls (median, after one warm-up call) and reads the compiled step's FLOPs from XLA's
+`cost_analysis()`. Ratios are against the teacher step measured in the same process.
+
+It also answers whether XLA shares work between the two sCM passes: the tangent pass's primal
+output F^- and the gradient pass's forward compute the same values from the same inputs. The
+FLOPs of the standalone pieces (forward, forward+backward, JVP) give what an sCT step would cost
+with and without that sharing; the compiled sCT step's FLOPs say which one XLA produced.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from scm_jax import losses
+from scm_jax import train_step as ts
+from scm_jax.data import build_dataset
+
+
+def load_config(path: str):
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("experiment", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def flops_of(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def time_calls(fn, args, steps: int) -> float:
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="experiments/digits.py")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config)
+    for name in ("teacher", "scd", "sct", "dscd"):
+        config[name].batch_size = args.batch
+        config[name].dropout = 0.0   # same network function in every stage
+    batches, _ = build_dataset(config.data, batch_size=args.batch, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in batches.batch(0).items()}
+    shape = batch["image"].shape[1:]
+    teacher = ts.build_stage(config, "teacher")
+    teacher_state = ts.init_state(teacher, jax.random.PRNGKey(0), shape)
+
+    rows = {}
+    for name in ("teacher", "sct", "scd", "dscd"):
+        stage = ts.build_stage(config, name)
+        state = ts.init_state(stage, jax.random.PRNGKey(1), shape)
+        tparams = None if name == "teacher" else teacher_state.ema
+        step = jax.jit(ts.make_train_step(stage, None if name == "teacher" else teacher.net_eval))
+        compiled = step.lower(state, batch, tparams).compile()
+        # Each call starts from the same state: the timing is of the step, not of training.
+        seconds = time_calls(lambda: compiled(state, batch, tparams), (), args.steps)
+        rows[name] = dict(seconds=seconds, flops=flops_of(compiled))
+        print(f"{name:8s} median {seconds * 1e3:8.1f} ms   {rows[name]['flops'] / 1e9:8.2f} GFLOP",
+              file=sys.stderr, flush=True)
+
+    # Standalone pieces, to see whether the sCT step shares F^- with the gradient pass's forward.
+    stage = ts.build_stage(config, "sct")
+    params = teacher_state.ema
+    x = batch["image"]
+    t = jnp.full((args.batch,), 0.7)
+    cond = {"y": batch["label"]} if config.model.num_classes else {}
+    key = jax.random.PRNGKey(0)
+    fwd = jax.jit(lambda p: stage.net_train(p, x, t, cond, key))
+    fwd_bwd = jax.jit(jax.grad(lambda p: jnp.sum(stage.net_train(p, x, t, cond, key) ** 2)))
+    jvp = jax.jit(lambda p: losses.scm_tangent(stage.net_train, p, x, t, x, cond, key,
+                                               sigma_d=stage.sigma_d, warmup_ratio=1.0))
+    pieces = {name: flops_of(fn.lower(params).compile())
+              for name, fn in (("forward", fwd), ("forward_backward", fwd_bwd), ("jvp", jvp))}
+    without_sharing = pieces["jvp"] + pieces["forward_backward"]
+    with_sharing = without_sharing - pieces["forward"]
+
+    base = rows["teacher"]
+    result = dict(
+        config=args.config, batch=args.batch, device=str(jax.devices()[0].device_kind),
+        backend=jax.default_backend(), steps=rows, pieces_flops=pieces,
+        ratios={name: dict(time=r["seconds"] / base["seconds"], flops=r["flops"] / base["flops"])
+                for name, r in rows.items()},
+        sct_flops_if_unshared=without_sharing, sct_flops_if_shared=with_sharing,
+        sct_shares_forward=abs(rows["sct"]["flops"] - with_sharing)
+        < abs(rows["sct"]["flops"] - without_sharing),
+    )
+    print(f"\n| step | median time | time / teacher | GFLOP | FLOPs / teacher |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        ratio = result["ratios"][name]
+        print(f"| {name} | {r['seconds'] * 1e3:.1f} ms | {ratio['time']:.2f}x | "
+              f"{r['flops'] / 1e9:.2f} | {ratio['flops']:.2f}x |")
+    print(f"\nsCT step FLOPs {rows['sct']['flops'] / 1e9:.2f} G; without sharing F^- it would be "
+          f"{without_sharing / 1e9:.2f} G, with sharing {with_sharing / 1e9:.2f} G -> XLA "
+          f"{'shares' if result['sct_shares_forward'] else 'does not share'} the forward pass.")
+    print(f"device: {result['device']} ({result['backend']}), batch {args.batch}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Digits data (split, resumable batches, host sharding), EMA profiles and LR schedules."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from scm_jax import configs, ema, optimizers
+from scm_jax.data import DigitsBatches, load_digits_splits
+
+
+def test_digits_split_is_deterministic_disjoint_and_scaled():
+    a, b = load_digits_splits(297), load_digits_splits(297)
+    assert a["train_images"].shape == (1500, 8, 8, 1) and a["holdout_images"].shape == (297, 8, 8, 1)
+    np.testing.assert_array_equal(a["train_images"], b["train_images"])
+    assert a["train_images"].min() == -1.0 and a["train_images"].max() == 1.0
+    train_rows = {r.tobytes() for r in a["train_images"]}
+    assert sum(r.tobytes() in train_rows for r in a["holdout_images"]) < 5  # duplicates in the set
+    assert set(np.unique(a["train_labels"])) == set(range(10))
+    with pytest.raises(ValueError, match="holdout"):
+        load_digits_splits(0)
+
+
+def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
+    split = load_digits_splits(297)
+    make = lambda **kw: DigitsBatches(split["train_images"], split["train_labels"],  # noqa: E731
+                                      batch_size=100, seed=3, **kw)
+    first, second = make(), make()
+    np.testing.assert_array_equal(first.indices(7), second.indices(7))   # resume = same batch
+    epoch = np.concatenate([first.indices(s) for s in range(15)])
+    assert sorted(epoch) == list(range(1500))
+    assert not np.array_equal(first.indices(0), first.indices(15))      # a new permutation
+    hosts = [make(process_index=i, process_count=4) for i in range(4)]
+    parts = [h.indices(9) for h in hosts]
+    np.testing.assert_array_equal(np.concatenate(parts), first.indices(9))
+    with pytest.raises(ValueError, match="divisible"):
+        make(process_count=3)
+
+
+def test_power_ema_exponent_matches_its_relative_std():
+    for sigma_rel in np.random.uniform(0.01, 0.25, 5):
+        gamma = ema.power_ema_exponent(sigma_rel)
+        # The averaging profile is p(x) ~ x^gamma on [0, 1]; its std is sigma_rel (EDM2 Eq. 3).
+        x = np.linspace(0, 1, 200001)
+        p = x**gamma / np.trapezoid(x**gamma, x)
+        mean = np.trapezoid(x * p, x)
+        std = np.sqrt(np.trapezoid((x - mean) ** 2 * p, x))
+        np.testing.assert_allclose(std, sigma_rel, rtol=1e-3)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        ema.power_ema_exponent(0.5)
+
+
+def test_ema_decays_and_update():
+    assert float(ema.ema_decay("power", 0.05, 0, 64)) == 0.0          # first step copies params
+    gamma = ema.power_ema_exponent(0.05)
+    np.testing.assert_allclose(ema.ema_decay("power", 0.05, 99, 64), (1 - 1 / 100) ** (gamma + 1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(ema.ema_decay("halflife", 500_000, 5, 512), 0.5 ** (512 / 500_000),
+                               rtol=1e-6)
+    out = ema.update_ema({"a": jnp.ones(3)}, {"a": jnp.zeros(3)}, 0.25)
+    np.testing.assert_allclose(out["a"], 0.25)
+    with pytest.raises(ValueError, match="ema.kind"):
+        ema.ema_decay("linear", 1.0, 0, 1)
+
+
+def test_inverse_sqrt_schedule_and_optimizer_errors():
+    cfg = configs.optimizer_config(lr=1e-2, schedule="inv_sqrt", t_ref=100)
+    sched = optimizers.learning_rate_schedule(cfg)
+    np.testing.assert_allclose([sched(0), sched(100), sched(400)], [1e-2, 1e-2, 5e-3], rtol=1e-6)
+    warm = optimizers.learning_rate_schedule(configs.optimizer_config(lr=1.0, warmup_steps=10))
+    np.testing.assert_allclose([warm(0), warm(5), warm(20)], [0.0, 0.5, 1.0], rtol=1e-6)
+    opt = optimizers.build_optimizer(configs.optimizer_config(name="radam", eps=1e-8))
+    state = opt.init({"w": jnp.ones(2)})
+    updates, _ = opt.update({"w": jnp.ones(2)}, state)
+    assert np.all(np.isfinite(updates["w"]))
+    with pytest.raises(ValueError, match="optimizer.name 'sgdx'"):
+        optimizers.build_optimizer(configs.optimizer_config(name="sgdx"))
+    with pytest.raises(ValueError, match="schedule"):
+        optimizers.learning_rate_schedule(configs.optimizer_config(schedule="cosine"))
