@@ -2,6 +2,7 @@
 
 XLA_FLAGS must be set before JAX is imported anywhere, so this runs first.
 """
+import contextlib
 import os
 
 # Optimization level 0 halves XLA:CPU compile times (the suite's main cost); tests run few steps.
@@ -21,23 +22,25 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def x64():
-    """Enables float64 for one test (math references), restoring the flag after."""
+@contextlib.contextmanager
+def _float64():
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
         yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture
+def x64():
+    """Enables float64 for one test (math references), restoring the flag after."""
+    with _float64():
+        yield
 
 
 @pytest.fixture(scope="module")
 def x64_module():
     """float64 for a whole test module (its fixtures share compiled float64 functions)."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with _float64():
         yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
