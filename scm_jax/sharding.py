@@ -11,6 +11,18 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
+# Logical axis names the backbones put on their weights (nn.with_logical_partitioning) and
+# activations (nn.with_logical_constraint). Mesh rules map them to mesh axes; an axis not
+# named by the rules is replicated.
+WEIGHT_AXES = (
+    "conv_height", "conv_width",  # spatial taps of a conv kernel
+    "embed_in",                   # input features of a Dense/Conv kernel
+    "embed_out",                  # output features of a Dense/Conv kernel (FSDP shards this)
+    "vocab",                      # rows of an embedding table (class labels)
+    "norm",                       # per-channel vectors: biases, norm scales, gains
+)
+ACTIVATION_AXES = ("batch", "height", "width", "length", "channels", "heads", "head_dim")
+
 
 def make_mesh(mesh_config) -> Mesh:
     """A 1-D ('data',) mesh over `mesh_config.data` devices (-1: all of them)."""

@@ -10,9 +10,12 @@ import ml_collections
 
 from scm_jax.networks.attention import ATTENTION_IMPLS
 from scm_jax.networks.layers import AdaptiveWeight
+from scm_jax.networks import unet
 from scm_jax.networks.unet import UNet
 
-BACKBONES = {"unet": UNet}
+# name -> module exposing from_config(model, *, dropout, dtype) and, optionally, PRESETS and
+# project_params(params) (a projection applied after every optimizer step).
+BACKBONES = {"unet": unet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -34,20 +37,7 @@ def build_network(model: ml_collections.ConfigDict, *, dropout: float | None = N
     rate = model.dropout if dropout is None else dropout
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {rate}")
-    return BACKBONES[model.name](
-        channels=model.channels,
-        channel_mult=tuple(model.channel_mult),
-        num_blocks=model.num_blocks,
-        attn_resolutions=tuple(model.attn_resolutions),
-        num_heads=model.num_heads,
-        dropout=rate,
-        noise_channels=model.noise_channels,
-        emb_channels=model.emb_channels,
-        num_classes=model.num_classes,
-        guidance_input=model.guidance_input,
-        attention_impl=model.attention_impl,
-        dtype=DTYPES[dtype],
-    )
+    return BACKBONES[model.name].from_config(model, dropout=rate, dtype=DTYPES[dtype])
 
 
 def bind_apply(module, *, train: bool):

@@ -20,6 +20,16 @@ def dot_product_attention(q, k, v):
     return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
 
 
+def attention(q, k, v, *, impl: str = "xla"):
+    """Multi-head attention with the backend named by `impl` (config `model.attention_impl`).
+
+    q: [B, N, H, D], k/v: [B, M, H, D] -> [B, N, H, D]. Every backbone calls this, never a
+    backend directly, so switching `attention_impl` switches every attention layer at once.
+    """
+    check_attention_impl(impl)
+    return dot_product_attention(q, k, v)
+
+
 def check_attention_impl(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
@@ -42,7 +52,7 @@ class SelfAttention(nn.Module):
         y = nn.GroupNorm(num_groups=min(8, c), dtype=self.dtype, name="norm")(x)
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y.reshape(b, h * w, c))
         q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * self.num_heads, c // self.num_heads), 3, axis=2)
-        y = dot_product_attention(q, k, v).reshape(b, h * w, c)
+        y = attention(q, k, v, impl=self.attention_impl).reshape(b, h * w, c)
         # Zero-initialized output projection: the block starts as a scaled identity.
         y = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj")(y)
         return (x + y.reshape(b, h, w, c)) / jnp.sqrt(2.0).astype(x.dtype)

@@ -107,3 +107,23 @@ class UNet(nn.Module):
         h = nn.silu(nn.GroupNorm(num_groups=min(8, h.shape[-1]), dtype=self.dtype, name="norm_out")(h))
         out = nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name="conv_out")(h)
         return out.astype(at_least_f32(self.dtype))
+
+
+def from_config(model, *, dropout: float, dtype) -> UNet:
+    """The U-Net that config.model describes (keys: channels, channel_mult, num_blocks,
+    attn_resolutions, num_heads, noise_channels, emb_channels, num_classes, guidance_input,
+    attention_impl)."""
+    return UNet(
+        channels=model.channels,
+        channel_mult=tuple(model.channel_mult),
+        num_blocks=model.num_blocks,
+        attn_resolutions=tuple(model.attn_resolutions),
+        num_heads=model.num_heads,
+        dropout=dropout,
+        noise_channels=model.noise_channels,
+        emb_channels=model.emb_channels,
+        num_classes=model.num_classes,
+        guidance_input=model.guidance_input,
+        attention_impl=model.attention_impl,
+        dtype=dtype,
+    )
