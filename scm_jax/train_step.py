@@ -22,6 +22,7 @@ from flax import struct
 from scm_jax import ema as ema_lib
 from scm_jax import losses
 from scm_jax.networks import AdaptiveWeight, bind_apply, build_network
+from scm_jax.networks.attention import check_attention_impl
 from scm_jax.optimizers import build_optimizer
 
 
@@ -61,12 +62,21 @@ def stage_model_config(config, name: str):
 
 
 def build_stage(config, name: str) -> Stage:
+    """The stage's networks. `model.attention_impl` applies to the tangent pass only: the
+    differentiated pass, the teacher and the samplers use XLA attention, because the fused
+    forward+JVP kernel has no transpose rule and `jax.grad` must never reach it (DESIGN.md §3)."""
     cfg = config[name]
     model_cfg = stage_model_config(config, name)
-    module = build_network(model_cfg, dropout=cfg.dropout)
+    check_attention_impl(model_cfg.attention_impl)
+    plain_cfg = model_cfg.copy_and_resolve_references()
+    with plain_cfg.unlocked():
+        plain_cfg.attention_impl = "xla"
+    module = build_network(plain_cfg, dropout=cfg.dropout)
     tangent_module = module
-    if cfg.kind != "diffusion" and cfg.jvp_dtype and cfg.jvp_dtype != model_cfg.dtype:
-        tangent_module = build_network(model_cfg, dropout=cfg.dropout, dtype=cfg.jvp_dtype)
+    jvp_dtype = cfg.jvp_dtype or model_cfg.dtype
+    if cfg.kind != "diffusion" and (jvp_dtype != model_cfg.dtype
+                                    or model_cfg.attention_impl != "xla"):
+        tangent_module = build_network(model_cfg, dropout=cfg.dropout, dtype=jvp_dtype)
     eval_fn = bind_apply(module, train=False)
     return Stage(
         name=name, cfg=cfg, model_cfg=model_cfg, sigma_d=float(config.data.sigma_d),
