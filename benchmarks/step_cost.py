@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from scm_jax import losses
 from scm_jax import train_step as ts
-from scm_jax.data import build_dataset
+from scm_jax.data import build_train_batches
 
 
 def load_config(path: str):
@@ -65,8 +65,8 @@ def main(argv=None):
     for name in ("teacher", "scd", "sct", "dscd"):
         config[name].batch_size = args.batch
         config[name].dropout = 0.0   # same network function in every stage
-    batches, _ = build_dataset(config.data, batch_size=args.batch, seed=0)
-    batch = {k: jnp.asarray(v) for k, v in batches.batch(0).items()}
+    batches = build_train_batches(config.data, batch_size=args.batch, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
     shape = batch["image"].shape[1:]
     teacher = ts.build_stage(config, "teacher")
     teacher_state = ts.init_state(teacher, jax.random.PRNGKey(0), shape)

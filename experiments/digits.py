@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         attention_impl="xla",
         dtype="float32",
     ))
-    config.mesh = ml_collections.ConfigDict(dict(data=-1))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
     steps = lambda n: 4 if tiny else n  # noqa: E731
     batch = 16 if tiny else 64

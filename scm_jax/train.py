@@ -16,7 +16,7 @@ import numpy as np
 from scm_jax import checkpoint as ckpt
 from scm_jax import configs, sampling, sharding
 from scm_jax import train_step as ts
-from scm_jax.data import build_dataset
+from scm_jax.data import build_train_batches, data_shape
 from scm_jax.metrics_log import MetricLogger, save_image_grid
 
 
@@ -36,12 +36,21 @@ def stage_record(config, name: str) -> dict:
         full=config.to_dict()), default=str))
 
 
-def abstract_train_state(stage: ts.Stage, image_shape):
-    return jax.eval_shape(lambda: ts.init_state(stage, jax.random.PRNGKey(0), image_shape))
+def abstract_train_state(stage: ts.Stage, image_shape, *, boxed: bool = False):
+    """ShapeDtypeStructs of the stage's TrainState (boxed: with the logical axis names)."""
+    return jax.eval_shape(
+        lambda: ts.init_state(stage, jax.random.PRNGKey(0), image_shape, boxed=boxed))
 
 
-def restore_stage_ema(config, name: str, workdir: str):
-    """EMA backbone params of a finished (or latest) checkpoint of stage `name`.
+def state_shardings(stage: ts.Stage, image_shape, mesh, rules):
+    """NamedShardings of the TrainState: weights split by the logical rules (FSDP), scalars and
+    unnamed leaves replicated."""
+    return sharding.tree_shardings(abstract_train_state(stage, image_shape, boxed=True), mesh, rules)
+
+
+def restore_stage_ema(config, name: str, workdir: str, mesh=None):
+    """EMA backbone params of a finished (or latest) checkpoint of stage `name`, sharded over
+    `mesh` by the config's logical rules when one is given.
 
     Raises FileNotFoundError naming the directory when the stage has no checkpoint.
     """
@@ -54,16 +63,20 @@ def restore_stage_ema(config, name: str, workdir: str):
     store = ckpt.CheckpointStore(directory, async_save=False)
     try:
         stage = ts.build_stage(config, name)
-        state, _ = store.restore(abstract_train_state(stage, image_shape(config)))
+        abstract = abstract_train_state(stage, image_shape(config))
+        if mesh is not None:
+            shardings = state_shardings(stage, image_shape(config), mesh,
+                                        sharding.logical_rules(config.mesh))
+            abstract = sharding.with_shardings(abstract, shardings)
+        state, _ = store.restore(abstract)
     finally:
         store.close()
     return state.ema, int(state.step)
 
 
 def image_shape(config):
-    if config.data.name == "digits":
-        return (8, 8, 1)
-    raise ValueError(f"unknown data.name {config.data.name!r}")
+    """(H, W, C) of the network's input for this config's dataset."""
+    return data_shape(config.data)
 
 
 def sample_grid(stage: ts.Stage, net_params, key, shape, num_classes: int, per_class: int = 10):
@@ -98,23 +111,25 @@ def train_stage(config, name: str, workdir: str, *, log=print):
 
     # --- Mesh and data ----------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.mesh)
     sharding.check_batch_size(cfg.batch_size, mesh, f"{name}.batch_size")
-    batches, _ = build_dataset(config.data, batch_size=cfg.batch_size, seed=config.seed,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
+    batches = build_train_batches(config.data, batch_size=cfg.batch_size, seed=config.seed,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
 
     # --- Teacher (distillation stages and CM initialization) --------------------------------
     teacher_params = None
     teacher_stage = None
     if name != "teacher":
-        teacher_params, _ = restore_stage_ema(config, "teacher", workdir)
+        teacher_params, _ = restore_stage_ema(config, "teacher", workdir, mesh)
         teacher_stage = ts.build_stage(config, "teacher")
 
     # --- Shapes and shardings ---------------------------------------------------------------
     abstract = abstract_train_state(stage, shape)
     repl = sharding.replicated(mesh)
-    state_sharding = jax.tree.map(lambda _: repl, abstract)
-    teacher_sharding = jax.tree.map(lambda _: repl, teacher_params)
+    state_sharding = state_shardings(stage, shape, mesh, rules)
+    teacher_sharding = (state_shardings(teacher_stage, shape, mesh, rules).ema
+                        if teacher_stage else None)
     step_fn = jax.jit(
         ts.make_train_step(stage, teacher_stage.net_eval if teacher_stage else None),
         in_shardings=(state_sharding, sharding.batch_sharded(mesh), teacher_sharding),
@@ -126,10 +141,9 @@ def train_stage(config, name: str, workdir: str, *, log=print):
     stage_key = jax.random.fold_in(jax.random.PRNGKey(config.seed),
                                    configs.TRAIN_STAGES.index(name))
     if store.latest_step() is not None:
-        state, data_state = store.restore(abstract)
-        state = jax.device_put(state, state_sharding)
-        log(f"[{name}] resumed from step {int(state.step)} in {directory} (data position "
-            f"{data_state['step']})")
+        state, data_state = store.restore(sharding.with_shardings(abstract, state_sharding))
+        batches.set_state(data_state)
+        log(f"[{name}] resumed from step {int(state.step)} in {directory}")
     else:
         state = jax.jit(lambda k: ts.init_state(stage, k, shape), out_shardings=state_sharding)(
             stage_key)
@@ -146,18 +160,19 @@ def train_stage(config, name: str, workdir: str, *, log=print):
     logger = MetricLogger(directory, name=name, total_steps=cfg.steps, log=log)
     start = int(state.step)
     try:
-        for step in range(start, cfg.steps):
-            batch = sharding.shard_batch(batches.batch(step), mesh)
-            state, metrics = step_fn(state, batch, teacher_params)
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                logger.write(done, jax.device_get(metrics), images=done * cfg.batch_size)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                store.save(done, state, {"step": done}, force=done == cfg.steps)
-            if cfg.sample_every and done % cfg.sample_every == 0:
-                _write_grid(stage, state, directory, done, shape, config.model.num_classes)
-        if cfg.steps > start:
-            _write_grid(stage, state, directory, int(state.step), shape, config.model.num_classes)
+        with sharding.activation_sharding(mesh, rules):
+            for step in range(start, cfg.steps):
+                batch = sharding.shard_batch(next(batches), mesh)
+                state, metrics = step_fn(state, batch, teacher_params)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    logger.write(done, jax.device_get(metrics), images=done * cfg.batch_size)
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    store.save(done, state, batches.get_state(), force=done == cfg.steps)
+                if cfg.sample_every and done % cfg.sample_every == 0:
+                    _write_grid(stage, state, directory, done, shape, config.model.num_classes)
+            if cfg.steps > start:
+                _write_grid(stage, state, directory, int(state.step), shape, config.model.num_classes)
     finally:
         store.close()
         logger.close()

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,7 +22,7 @@ from flax import struct
 
 from scm_jax import ema as ema_lib
 from scm_jax import losses
-from scm_jax.networks import AdaptiveWeight, bind_apply, build_network
+from scm_jax.networks import AdaptiveWeight, BACKBONES, bind_apply, build_network
 from scm_jax.networks.attention import check_attention_impl
 from scm_jax.optimizers import build_optimizer
 
@@ -49,6 +50,7 @@ class Stage:
     net_eval: Callable                # F(params, x, t, cond), eval mode
     weight_module: Any
     optimizer: optax.GradientTransformation
+    project: Callable                 # backbone params -> params after every optimizer step
 
 
 def stage_model_config(config, name: str):
@@ -84,7 +86,9 @@ def build_stage(config, name: str) -> Stage:
         net_tangent=bind_apply(tangent_module, train=True),
         net_eval=lambda p, x, t, cond, key=None: eval_fn(p, x, t, cond),
         weight_module=AdaptiveWeight(config.model.weight_channels),
-        optimizer=build_optimizer(cfg.optimizer))
+        optimizer=build_optimizer(cfg.optimizer),
+        # EDM2's forced weight normalization, as a projection outside every forward pass.
+        project=getattr(BACKBONES[model_cfg.name], "project_params", lambda p: p))
 
 
 def example_inputs(stage: Stage, image_shape, batch_size: int = 1):
@@ -99,16 +103,22 @@ def example_inputs(stage: Stage, image_shape, batch_size: int = 1):
     return x, t, cond
 
 
-def init_state(stage: Stage, key, image_shape) -> TrainState:
-    """Fresh parameters, optimizer state and EMA (EMA starts at the parameters)."""
+def init_state(stage: Stage, key, image_shape, *, boxed: bool = False) -> TrainState:
+    """Fresh parameters, optimizer state and EMA (EMA starts at the parameters).
+
+    boxed=True keeps the backbones' `nn.LogicallyPartitioned` boxes (on params, EMA and the
+    optimizer's per-parameter state alike): `jax.eval_shape` of it is what the shardings are
+    derived from. The state a step takes is the unboxed one.
+    """
     k_net, k_weight, k_rng = jax.random.split(key, 3)
     x, t, cond = example_inputs(stage, image_shape)
     net = stage.module.init({"params": k_net}, x, t, cond.get("y"), cond.get("guidance"),
                             train=False)["params"]
     weight = stage.weight_module.init(k_weight, t)["params"]
     params = {"net": net, "weight": weight}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=stage.optimizer.init(params), ema=net, rng=k_rng)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=stage.optimizer.init(params), ema=net, rng=k_rng)
+    return state if boxed else nn.meta.unbox(state)
 
 
 def with_net_params(stage: Stage, state: TrainState, net_params) -> TrainState:
@@ -212,10 +222,11 @@ def make_train_step(stage: Stage, teacher_net_eval=None):
         (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, tgt)
         updates, opt_state = stage.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params = dict(params, net=stage.project(params["net"]))
         beta = ema_lib.ema_decay(cfg.ema.kind, cfg.ema.value, state.step, cfg.batch_size)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema=ema_lib.update_ema(state.ema, params["net"], beta))
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return new_state, metrics
 
     return train_step
