@@ -17,10 +17,13 @@ CORE = [
     "tensorboardX>=2.6",
     "pillow>=10.0",
     "absl-py>=2.0",
+    "safetensors>=0.4",   # SD-VAE weights (numpy loader; no torch)
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8.0"],
+    # libtpu: the TPU compiler, so the tests can compile the Mosaic kernel ahead of time for a
+    # real TPU topology on a CPU host (the version jax[tpu] pins for the installed jax).
+    "test": ["pytest>=8.0", "libtpu==0.0.42.1"],
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]", "jax-triton>=0.3"],
     "data": ["tensorflow-cpu>=2.16"],

@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cm = dict(batch_size=batch, loss=dict(p_mean=-1.0, p_std=1.6, warmup_steps=2 if tiny else 200),
               optimizer=configs.optimizer_config(lr=2e-4, b2=0.99, force_finite=False), ema=dict(kind="power", value=0.1),
               **every)
-    config.scd = configs.stage_config("scm", tangent="teacher", steps=steps(1500), **cm)
+    config.scd = configs.stage_config("scm", tangent="teacher", steps=steps(2500), **cm)
     config.sct = configs.stage_config("scm", tangent="data", steps=steps(600), dropout=0.1, **cm)
     config.dscd = configs.stage_config("discrete", steps=steps(400), **cm)
     config.dscd.loss.num_points = 256

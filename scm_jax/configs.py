@@ -69,7 +69,7 @@ def stage_config(kind: str, **overrides) -> ml_collections.ConfigDict:
         log_every=50,
         checkpoint_every=500,
         keep_checkpoints=2,
-        sample_every=0,             # 0: a sample grid only at the end
+        sample_every=0,             # 0: a sample grid only at the end; -1: none
         checkpoint_dir="",          # teacher: where sCD/sCT find it ('' = <workdir>/teacher)
     ))
     _merge(cfg, overrides)
@@ -98,11 +98,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.stage in STAGES, "stage", config.stage, f"one of {STAGES}")
     _check(config.data.sigma_d > 0, "data.sigma_d", config.data.sigma_d, "> 0")
     m = config.model
-    _check(m.channels > 0 and m.num_blocks > 0, "model.channels/num_blocks",
-           (m.channels, m.num_blocks), "positive integers")
+    for key in ("channels", "num_blocks", "hidden_size", "depth"):   # whichever the backbone has
+        if key in m:
+            _check(m[key] > 0, f"model.{key}", m[key], "a positive integer")
     _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0")
     _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
            "-1 (all devices) or a positive device count")
+    _check(config.mesh.get("fsdp", 1) >= 1, "mesh.fsdp", config.mesh.get("fsdp", 1),
+           "a positive device count")
+    pipeline = tuple(config.get("pipeline", PIPELINE))
+    _check(all(name in PIPELINE for name in pipeline), "pipeline", pipeline,
+           f"stages among {PIPELINE}")
     for name in TRAIN_STAGES:
         st = config[name]
         kind = {"teacher": "diffusion", "dscd": "discrete"}.get(name, "scm")

@@ -24,24 +24,43 @@ def run(config, workdir: str, *, log=print) -> None:
 
     configs.validate(config)
     if config.dry_run:
-        from scm_jax import train_step as ts
-        import jax
-
-        stage = ts.build_stage(config, "teacher")
-        abstract = train.abstract_train_state(stage, train.image_shape(config))
-        count = sum(x.size for x in jax.tree.leaves(abstract.params["net"]))
-        log(config)
-        log(f"backbone parameters: {count:,}")
+        dry_run(config, log=log)
         return
-    stages = configs.PIPELINE if config.stage == "all" else (config.stage,)
+    stages = tuple(config.get("pipeline", configs.PIPELINE)) if config.stage == "all" else (
+        config.stage,)
     for name in stages:
         if name == "eval":
             from scm_jax import evaluate
+
+            if config.data.name != "digits":
+                raise ValueError(f"stage=eval evaluates the digits experiment only; FID / "
+                                 f"FD-DINOv2 for data.name={config.data.name!r} is not built yet")
 
             evaluate.evaluate_all(config, workdir, log=log)
         else:
             log(f"=== stage {name} ===")
             train.train_stage(config, name, workdir, log=log)
+
+
+def dry_run(config, *, log=print) -> int:
+    """Prints the resolved config and the backbone's parameter count (jax.eval_shape: nothing
+    is allocated, so it works for the largest presets on a laptop). Returns the count."""
+    import jax
+
+    from scm_jax import train
+    from scm_jax import train_step as ts
+
+    stage = ts.build_stage(config, "scd" if config.model.get("guidance_input") else "teacher")
+    abstract = train.abstract_train_state(stage, train.image_shape(config))
+    count = sum(x.size for x in jax.tree.leaves(abstract.params["net"]))
+    log(config)
+    line = f"backbone parameters: {count:,} ({count / 1e6:.1f}M)"
+    paper = config.get("paper_params_m", 0.0)
+    if paper:
+        line += (f"; the paper's table: {paper}M ({100 * (count / 1e6 / paper - 1):+.1f}%: the "
+                 f"sCM changes, see README 'Parameter counts')")
+    log(line)
+    return count
 
 
 def parse_flags(argv):

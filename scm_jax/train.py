@@ -81,8 +81,9 @@ def image_shape(config):
 
 def sample_grid(stage: ts.Stage, net_params, key, shape, num_classes: int, per_class: int = 10):
     """[N, H, W, C] samples for a progress grid: 2-step CM, or the teacher's 35-NFE solver."""
-    n = max(num_classes, 1) * per_class
-    cond = {"y": jnp.repeat(jnp.arange(num_classes), per_class)} if num_classes else {}
+    classes = min(num_classes, 10)   # the first ten classes of a 1000-class model
+    n = max(classes, 1) * per_class
+    cond = {"y": jnp.repeat(jnp.arange(classes), per_class)} if num_classes else {}
     if stage.model_cfg.guidance_input:
         cond["guidance"] = jnp.full((n,), stage.cfg.guidance.scale_min, jnp.float32)
     F_fn = lambda x, t: stage.net_eval(net_params, x, t, cond)  # noqa: E731
@@ -160,19 +161,19 @@ def train_stage(config, name: str, workdir: str, *, log=print):
     logger = MetricLogger(directory, name=name, total_steps=cfg.steps, log=log)
     start = int(state.step)
     try:
-        with sharding.activation_sharding(mesh, rules):
-            for step in range(start, cfg.steps):
-                batch = sharding.shard_batch(next(batches), mesh)
+        for step in range(start, cfg.steps):
+            batch = sharding.shard_batch(next(batches), mesh)
+            with sharding.activation_sharding(mesh, rules):
                 state, metrics = step_fn(state, batch, teacher_params)
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    logger.write(done, jax.device_get(metrics), images=done * cfg.batch_size)
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    store.save(done, state, batches.get_state(), force=done == cfg.steps)
-                if cfg.sample_every and done % cfg.sample_every == 0:
-                    _write_grid(stage, state, directory, done, shape, config.model.num_classes)
-            if cfg.steps > start:
-                _write_grid(stage, state, directory, int(state.step), shape, config.model.num_classes)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                logger.write(done, jax.device_get(metrics), images=done * cfg.batch_size)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                store.save(done, state, batches.get_state(), force=done == cfg.steps)
+            if cfg.sample_every > 0 and done % cfg.sample_every == 0:
+                _write_grid(stage, state, directory, done, shape, config.model.num_classes)
+        if cfg.steps > start and cfg.sample_every >= 0:
+            _write_grid(stage, state, directory, int(state.step), shape, config.model.num_classes)
     finally:
         store.close()
         logger.close()
@@ -180,6 +181,9 @@ def train_stage(config, name: str, workdir: str, *, log=print):
 
 
 def _write_grid(stage, state, directory, step, shape, num_classes):
-    images = sample_grid(stage, state.ema, jax.random.PRNGKey(step), shape, num_classes)
-    save_image_grid(np.asarray(images), os.path.join(directory, f"samples_{step:07d}.png"),
-                    rows=max(num_classes, 1))
+    images = np.asarray(sample_grid(stage, state.ema, jax.random.PRNGKey(step), shape, num_classes))
+    if images.shape[-1] not in (1, 3):
+        # Latents: a preview of the first three channels, scaled from +-2 sigma_d (no VAE here).
+        images = images[..., :3] / (2 * stage.sigma_d)
+    save_image_grid(images, os.path.join(directory, f"samples_{step:07d}.png"),
+                    rows=max(min(num_classes, 10), 1))

@@ -44,3 +44,8 @@ def x64_module():
     """float64 for a whole test module (its fixtures share compiled float64 functions)."""
     with _float64():
         yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a GPU (skipped on CPU)")
+    config.addinivalue_line("markers", "tpu: needs a TPU (skipped on CPU)")

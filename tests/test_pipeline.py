@@ -41,6 +41,6 @@ def test_dry_run_prints_config_and_parameter_count(tmp_path):
     config.dry_run = True
     lines = []
     entry.run(config, str(tmp_path), log=lambda m: lines.append(str(m)))
-    count = int(lines[-1].split(":")[1].replace(",", ""))
+    count = int(lines[-1].split(":")[1].split("(")[0].replace(",", ""))
     assert lines[-1].startswith("backbone parameters") and 100_000 < count < 5_000_000
     assert not any(tmp_path.iterdir())

@@ -10,12 +10,12 @@ import ml_collections
 
 from scm_jax.networks.attention import ATTENTION_IMPLS
 from scm_jax.networks.layers import AdaptiveWeight
-from scm_jax.networks import unet
+from scm_jax.networks import ddpmpp, dit, edm2, unet
 from scm_jax.networks.unet import UNet
 
 # name -> module exposing from_config(model, *, dropout, dtype) and, optionally, PRESETS and
 # project_params(params) (a projection applied after every optimizer step).
-BACKBONES = {"unet": unet}
+BACKBONES = {"unet": unet, "ddpmpp": ddpmpp, "edm2": edm2, "dit": dit}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

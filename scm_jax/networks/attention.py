@@ -1,33 +1,95 @@
 """Self-attention over image positions, with a backend switch.
 
-`attention_impl` names the implementation of softmax(q k^T / sqrt(d)) v. Only 'xla' exists today;
-plain XLA attention is differentiable in both modes, so `jax.jvp` and `jax.grad` go through it.
-The fused Pallas forward+JVP kernel (for long sequences) will register here as another backend.
+`attention_impl` names the implementation of softmax(q k^T / sqrt(d)) v:
+- 'xla': plain einsum + softmax. Differentiable in both modes; its JVP stores the N x N scores
+  and their tangents per head (O(N^2) memory).
+- 'pallas': a `jax.custom_jvp` whose primal is XLA attention and whose JVP rule runs the fused
+  forward+JVP Pallas kernel (`scm_jax.kernels.flash_jvp`, sCM App. F), O(N) memory. It is
+  for the tangent pass of the sCM loss only: `jax.grad` would transpose the JVP rule, and a
+  `pallas_call` has no transpose rule, so `train_step.build_stage` gives the differentiated
+  network 'xla' whatever the config says (DESIGN.md §3).
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
-ATTENTION_IMPLS = ("xla",)
+from scm_jax.kernels import flash_jvp as kernel
+
+ATTENTION_IMPLS = ("xla", "pallas")
+# A mesh axis of this name splits the heads in the kernel's shard_map; every other axis of the
+# context mesh splits the batch.
+HEAD_AXIS = "model"
 
 
-def dot_product_attention(q, k, v):
-    """q: [B, N, H, D], k/v: [B, M, H, D] -> [B, N, H, D]; softmax in float32."""
+def dot_product_attention(q, k, v, kv_mask=None):
+    """q: [B, N, H, D], k/v: [B, M, H, D], kv_mask: [B, M] bool or None -> [B, N, H, D].
+
+    Softmax in float32; masked keys get zero weight and rows with every key masked give 0.
+    """
     scale = q.shape[-1] ** -0.5
     acc = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=acc) * scale
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
+    if kv_mask is None:
+        weights = jax.nn.softmax(logits, axis=-1)
+    else:
+        mask = kv_mask[:, None, None, :]
+        # A finite fill keeps fully masked rows finite (uniform); the product zeroes them.
+        weights = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(acc).min), axis=-1) * mask
+    return jnp.einsum("bhnm,bmhd->bnhd", weights.astype(v.dtype), v)
 
 
-def attention(q, k, v, *, impl: str = "xla"):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def pallas_attention(q, k, v, kv_mask=None, backend=None):
+    """Attention whose JVP is the fused Pallas kernel; shapes as `dot_product_attention`.
+
+    `backend` overrides the kernel backend (`kernel.BACKENDS`; default by platform: TPU ->
+    Mosaic, GPU -> Triton, CPU -> interpret mode). Forward mode only: never under `jax.grad`.
+    """
+    return dot_product_attention(q, k, v, kv_mask)
+
+
+@functools.partial(pallas_attention.defjvp, symbolic_zeros=True)
+def _pallas_attention_jvp(backend, primals, tangents):
+    q, k, v, kv_mask = primals
+    # Symbolic zeros (inputs that do not depend on the JVP's input, e.g. constant context
+    # keys/values) reach the kernel as None, which drops their matmuls.
+    dq, dk, dv = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
+    o, do = fused_attention_jvp(q, k, v, dq, dk, dv, kv_mask=kv_mask, backend=backend)
+    return o.astype(v.dtype), do.astype(v.dtype)
+
+
+def fused_attention_jvp(q, k, v, dq, dk=None, dv=None, *, kv_mask=None, backend=None):
+    """(O, dO) by the fused kernel, under `shard_map` over the context mesh when there is one.
+
+    Inside `jax.set_mesh(mesh)` (the training step's mesh), the batch is split over every mesh
+    axis but HEAD_AXIS and the heads over HEAD_AXIS: Mosaic kernels are not auto-partitioned.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    # Already inside a shard_map over every mesh axis (all Manual): the arrays are local.
+    if mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names):
+        return kernel.attention_jvp(q, k, v, dq, dk, dv, kv_mask=kv_mask, backend=backend)
+    head_axis = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
+    batch_axes = tuple(a for a in mesh.axis_names
+                       if a != head_axis and a not in mesh.manual_axes)
+    return kernel.sharded_attention_jvp(q, k, v, dq, dk, dv, mesh=mesh, kv_mask=kv_mask,
+                                        batch_axes=batch_axes, head_axis=head_axis,
+                                        backend=backend)
+
+
+def attention(q, k, v, *, impl: str = "xla", kv_mask=None):
     """Multi-head attention with the backend named by `impl` (config `model.attention_impl`).
 
-    q: [B, N, H, D], k/v: [B, M, H, D] -> [B, N, H, D]. Every backbone calls this, never a
-    backend directly, so switching `attention_impl` switches every attention layer at once.
+    q: [B, N, H, D], k/v: [B, M, H, D], kv_mask: [B, M] bool (True = attend) or None
+    -> [B, N, H, D]. Every backbone calls this, never a backend directly, so switching
+    `attention_impl` switches every attention layer at once.
     """
     check_attention_impl(impl)
-    return dot_product_attention(q, k, v)
+    if impl == "pallas":
+        return pallas_attention(q, k, v, kv_mask)
+    return dot_product_attention(q, k, v, kv_mask)
 
 
 def check_attention_impl(impl: str) -> str:

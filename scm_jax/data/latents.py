@@ -1,0 +1,247 @@
+"""ImageNet 512x512 in SD-VAE latent space: normalization, the encoded shards, training batches.
+
+Latent normalization (sCM App. G / digest §7): images in [-1, 1] are encoded by
+`stabilityai/sd-vae-ft-mse` into raw latents z [64, 64, 4]; the network sees
+    x = (z - mu_c) * sigma_d / sigma_c,   mu_c = [1.56, -0.695, 0.483, 0.729],
+                                           sigma_c = [5.27, 5.91, 4.21, 4.31],  sigma_d = 0.5,
+and generated x are mapped back with the inverse before decoding. (EDM2's constants differ: it
+encodes [0, 1] images; digest §9.12.)
+
+On disk (written by `python -m scm_jax.data.encode_latents`; see that module):
+    <path>/index.json                       shapes, counts, shard list, VAE file, constants
+    <path>/<shard>/{mean,std,label}.npy     raw posterior mean and std [n, 64, 64, 4], labels [n]
+Arrays are read with memory mapping, so the dataset never has to fit in host memory.
+"""
+import functools
+import json
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from scm_jax.networks.vae import AutoencoderKL
+
+# Paper constants (digest §7): per-channel mean and std of sd-vae-ft-mse latents of [-1, 1] images.
+LATENT_MEAN = np.array([1.56, -0.695, 0.483, 0.729])
+LATENT_STD = np.array([5.27, 5.91, 4.21, 4.31])
+LATENT_SHAPE = (64, 64, 4)   # of a 512x512 image
+
+INDEX_FILE = "index.json"
+FORMAT = "scm_jax.latents.v1"
+ARRAYS = ("mean", "std", "label")
+ENCODE_COMMAND = ("python -m scm_jax.data.encode_latents --vae=<path to sd-vae-ft-mse "
+                  "diffusion_pytorch_model.safetensors> --data_dir=<TFDS data dir> --out={path}")
+
+
+# x = (z - mu_c) * sigma_d / sigma_c (digest §7): unit-free latents with std ~sigma_d per channel.
+def normalize_latents(z, sigma_d: float = 0.5):
+    """Raw VAE latents z [..., 4] -> the network's data space x [..., 4], in z's dtype."""
+    mean, std = _constants(z)
+    return (z - mean) * (sigma_d / std).astype(mean.dtype)
+
+
+def denormalize_latents(x, sigma_d: float = 0.5):
+    """Inverse of `normalize_latents`: x [..., 4] -> raw latents z = x sigma_c / sigma_d + mu_c."""
+    mean, std = _constants(x)
+    return x * (std / sigma_d).astype(mean.dtype) + mean
+
+
+def _constants(x):
+    """mu_c, sigma_c in x's float dtype (float32 batches stay float32; float64 tests stay exact)."""
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else np.float32
+    return LATENT_MEAN.astype(dtype), LATENT_STD.astype(dtype)
+
+
+def latent_data_config(**overrides) -> ml_collections.ConfigDict:
+    """The `config.data` section of the latent ImageNet 512 experiments."""
+    cfg = ml_collections.ConfigDict(dict(
+        name="imagenet512_latents",
+        path="",                 # the directory written by scm_jax.data.encode_latents
+        resolution=512,          # of the encoded images; latents are resolution / 8 on a side
+        num_classes=1000,
+        sigma_d=0.5,
+        sample_posterior=True,   # z = mean + std * eps, fresh eps per epoch (see build_latent_batches)
+        num_threads=16,          # grain reader threads
+        prefetch=4,              # batches read ahead
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def _missing(path: str, why: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"encoded latents at {path!r} are missing or incomplete ({why}). Create them with "
+        f"`{ENCODE_COMMAND.format(path=path)}`; re-running the same command finishes an "
+        f"interrupted encoding.")
+
+
+def read_index(path: str) -> dict:
+    """The JSON index of an encoded directory; FileNotFoundError if absent or incomplete."""
+    index_path = os.path.join(path, INDEX_FILE)
+    if not os.path.isdir(path):
+        raise _missing(path, "no such directory")
+    if not os.path.isfile(index_path):
+        raise _missing(path, f"no {INDEX_FILE}: the encoding has not finished on every process")
+    with open(index_path) as f:
+        index = json.load(f)
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{index_path} has format {index.get('format')!r}, expected {FORMAT!r}")
+    for shard in index["shards"]:
+        for name in ARRAYS:
+            if not os.path.isfile(os.path.join(path, shard["name"], f"{name}.npy")):
+                raise _missing(path, f"shard {shard['name']} has no {name}.npy")
+    return index
+
+
+class LatentSource:
+    """Random access over the memory-mapped shards: len() examples, [i] -> dict(mean, std, label).
+
+    mean/std: [64, 64, 4] raw posterior (storage dtype), label: int. A grain data source.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        self.index = read_index(self.path)
+        counts = [s["count"] for s in self.index["shards"]]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if self._starts[-1] != self.index["num_examples"]:
+            raise ValueError(f"{self.path}: shard counts add up to {self._starts[-1]}, the index "
+                             f"says num_examples={self.index['num_examples']}")
+        self._arrays = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _shard(self, k: int) -> dict:
+        if k not in self._arrays:
+            with self._lock:
+                if k not in self._arrays:
+                    shard = self.index["shards"][k]
+                    arrays = {n: np.load(os.path.join(self.path, shard["name"], f"{n}.npy"),
+                                         mmap_mode="r") for n in ARRAYS}
+                    shape = (shard["count"], *self.index["latent_shape"])
+                    if arrays["mean"].shape != shape or arrays["std"].shape != shape or \
+                            arrays["label"].shape != shape[:1]:
+                        raise ValueError(f"{self.path}/{shard['name']}: arrays of shapes "
+                                         f"{[a.shape for a in arrays.values()]}, expected "
+                                         f"{shape} and ({shape[0]},) (a corrupt shard: delete it "
+                                         f"and re-run the encoder)")
+                    self._arrays[k] = arrays
+        return self._arrays[k]
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} out of range [0, {len(self)})")
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        arrays, j = self._shard(k), i - int(self._starts[k])
+        return dict(mean=np.asarray(arrays["mean"][j]), std=np.asarray(arrays["std"][j]),
+                    label=int(arrays["label"][j]))
+
+    def __getstate__(self):   # picklable for grain worker processes: memmaps reopen lazily
+        return dict(path=self.path)
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
+def build_latent_batches(data_config, *, batch_size: int, seed: int, process_index: int = 0,
+                         process_count: int = 1):
+    """Endless shuffled batches of normalized latents: this host's rows of each global batch.
+
+    `next(it)` -> dict(image=float32 [batch_size // process_count, 64, 64, 4], label=int32 [...]).
+    `it.get_state()` is a JSON-serializable dict; `it.set_state(state)` resumes exactly.
+
+    The global example stream is the same for any number of hosts: epoch e is the dataset under
+    grain's seeded permutation for (seed, e); host p of P takes stream positions p, p + P, ...
+    so the hosts' rows are disjoint and together form the global batch.
+
+    `sample_posterior=True` (the default) trains on z = mean + std * eps with eps drawn afresh
+    for every (epoch, example) from the seed and the stream position, as EDM2 does (digest §7,
+    §9.12): each image contributes a slightly different latent every epoch, a free augmentation
+    along the directions the VAE itself considers equivalent, and the model learns the
+    distribution the decoder was trained to invert. `False` uses the posterior mean.
+    """
+    import grain
+
+    if data_config.name != "imagenet512_latents":
+        raise ValueError(f"data.name {data_config.name!r} is not 'imagenet512_latents'")
+    if not data_config.path:
+        raise ValueError("data.path is empty; expected the directory written by "
+                         "`python -m scm_jax.data.encode_latents`")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed = {seed!r}; expected an int >= 0")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of the "
+                         f"{process_count} processes")
+    source = LatentSource(data_config.path)
+    size = source.index["image_size"]
+    if size != [data_config.resolution] * 2:
+        raise ValueError(f"data.resolution = {data_config.resolution} but {data_config.path} "
+                         f"holds latents of {size[0]}x{size[1]} images")
+    sigma_d = float(data_config.sigma_d)
+
+    def sample(example, rng):
+        eps = rng.standard_normal(example["mean"].shape, dtype=np.float32)
+        z = example["mean"].astype(np.float32) + example["std"].astype(np.float32) * eps
+        return dict(image=normalize_latents(z, sigma_d), label=np.int32(example["label"]))
+
+    def mean(example):
+        z = example["mean"].astype(np.float32)
+        return dict(image=normalize_latents(z, sigma_d), label=np.int32(example["label"]))
+
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+    # After repeat, so the posterior noise is keyed by the global stream position (epoch included).
+    ds = ds.random_map(sample) if data_config.sample_posterior else ds.map(mean)
+    ds = ds[process_index::process_count].batch(batch_size // process_count, drop_remainder=True)
+    options = grain.ReadOptions(num_threads=int(data_config.get("num_threads", 16)),
+                                prefetch_buffer_size=int(data_config.get("prefetch", 4)))
+    signature = dict(dataset=data_config.name, num_examples=len(source), batch_size=batch_size,
+                     seed=int(seed), process_count=process_count,
+                     sample_posterior=bool(data_config.sample_posterior))
+    return LatentBatches(ds.to_iter_dataset(options), signature)
+
+
+class LatentBatches:
+    """The data protocol over grain's iterator. Its state names the pipeline it belongs to, so
+    restoring a state into a different pipeline (batch size, seed...) fails instead of drifting."""
+
+    def __init__(self, dataset, signature: dict):
+        self._iter, self._signature = iter(dataset), signature
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iter)
+
+    def get_state(self) -> dict:
+        return dict(self._signature, grain=json.loads(json.dumps(self._iter.get_state())))
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "grain" not in state:
+            raise ValueError(f"not a latent data-iterator state (no 'grain' entry): {state!r}")
+        for key, value in self._signature.items():
+            if state.get(key) != value:
+                raise ValueError(f"data-iterator state has {key}={state.get(key)!r} but this "
+                                 f"pipeline has {key}={value!r}; it belongs to another pipeline")
+        self._iter.set_state(state["grain"])
+
+
+@functools.partial(jax.jit, static_argnames=("vae", "sigma_d"))
+def decode_for_eval(vae_params, latents_normalized, *, vae=None, sigma_d: float = 0.5):
+    """Generated latents x [B, 64, 64, 4] (network space) -> images [B, 512, 512, 3] in [-1, 1].
+
+    Un-normalizes (inverse of `normalize_latents`), decodes with the VAE (`vae`: the module the
+    params belong to; default the full sd-vae-ft-mse) and clips to the image range.
+    """
+    vae = vae or AutoencoderKL()
+    z = denormalize_latents(jnp.asarray(latents_normalized, jnp.float32), sigma_d)
+    images = vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
+    return jnp.clip(images, -1.0, 1.0)

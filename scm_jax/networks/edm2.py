@@ -1,0 +1,339 @@
+"""The EDM2 U-Net (Karras et al. 2024, config G) with the sCM changes (sCM Sec. 4.1, digest §3).
+
+EDM2's magnitude-preserving U-Net (`mp_layers.py` holds the primitives), changed as sCM does:
+- the time input is c_noise(t) = t (radians) through a positional embedding (float32), in place
+  of MPFourier of EDM's log(sigma) / 4 (digest §3.1-3.2);
+- every block modulates with adaptive double normalization, h = norm(h) pnorm(s) + pnorm(b), in
+  place of EDM2's h (1 + emb_linear(emb)) (digest §3.3, §9.9); `modulation='edm2'` keeps EDM2's
+  form, whose parameter counts are EDM2's published ones;
+- optional class labels (index num_classes is the null label of CFG dropout; it embeds as EDM2's
+  all-zero label vector) and an optional guidance-scale input (sCD students, digest §9.16);
+- dropout only in blocks at resolution <= dropout_max_resolution (digest §7).
+
+EDM2's logvar head is not part of the backbone (the package trains its own `AdaptiveWeight`).
+The network computes F in x_t / sigma_d space; preconditioning lives in `trigflow`. Forced weight
+normalization is `project_params`, applied by the train step after every optimizer update.
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scm_jax.networks.attention import attention, check_attention_impl
+from scm_jax.networks.layers import at_least_f32, pixel_norm
+from scm_jax.networks.mp_layers import (DENSE_AXES, MP_WEIGHT, MPConv, mp_cat,
+                                        mp_positional_features, mp_silu, mp_sum, normalize,
+                                        project_weight)
+
+MODULATIONS = ("adn", "edm2")
+ACTIVATION_AXES = ("batch", "height", "width", "channels")
+
+
+def _scalar_gain(module: nn.Module, name: str) -> jax.Array:
+    """A learned scalar gain, zero at init (EDM2's emb_gain / out_gain)."""
+    return module.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ()), ())
+
+
+# EDM2 resampling with filter [1, 1]: 2x2 average pooling down, nearest-neighbour up.
+def resample(x: jax.Array, mode: str) -> jax.Array:
+    """x: [B, H, W, C] -> [B, H/2, W/2, C] ('down'), [B, 2H, 2W, C] ('up') or x ('keep')."""
+    if mode == "down":
+        b, h, w, c = x.shape
+        return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    if mode == "up":
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return x
+
+
+class Modulation(nn.Module):
+    """Conditioning of a block's residual branch on the embedding. h: [B, H, W, C], emb: [B, E].
+
+    'adn':  norm(h) * pnorm(s) + pnorm(b), (s, b) = split(MPLinear_2C(emb)) (sCM Sec. 4.1; no
+            "+1", digest §3.3). norm is EDM2's pixel norm: EDM2 blocks have no GroupNorm. pnorm
+            makes a gain on the linear layer meaningless, so ADN has none.
+    'edm2': h * (1 + MPLinear_C(emb, gain=emb_gain)), emb_gain zero at init (EDM2 Fig. 21).
+    The linear layer runs in emb's precision (float32 at least); only the result is cast.
+    """
+
+    kind: str = "adn"
+
+    @nn.compact
+    def __call__(self, h: jax.Array, emb: jax.Array) -> jax.Array:
+        c, dtype = h.shape[-1], at_least_f32(emb.dtype)
+        if self.kind == "edm2":
+            gain = _scalar_gain(self, "emb_gain")
+            scale = MPConv(c, dtype=dtype, name="emb_linear")(emb, gain) + 1
+            return h * scale[:, None, None, :].astype(h.dtype)
+        scale, shift = jnp.split(MPConv(2 * c, dtype=dtype, name="emb_linear")(emb), 2, axis=-1)
+        scale = pixel_norm(scale)[:, None, None, :].astype(h.dtype)
+        shift = pixel_norm(shift)[:, None, None, :].astype(h.dtype)
+        return normalize(h, axis=-1) * scale + shift
+
+
+class MPSelfAttention(nn.Module):
+    """EDM2's cosine self-attention: q, k, v pixel-normalized over the head dim (EDM2 Fig. 21).
+
+    x: [B, H, W, C] -> [B, H, W, C] (the attention branch, before mp_sum with x).
+    """
+
+    num_heads: int
+    attention_impl: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        qkv = MPConv(3 * c, (1, 1), dtype=self.dtype, name="qkv")(x)
+        qkv = normalize(qkv.reshape(b, h * w, 3, self.num_heads, c // self.num_heads), axis=-1)
+        y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl=self.attention_impl)
+        return MPConv(c, (1, 1), dtype=self.dtype, name="proj")(y.reshape(b, h, w, c))
+
+
+class Block(nn.Module):
+    """EDM2 encoder/decoder block (EDM2 Fig. 21). x: [B, H, W, Cin], emb: [B, E] -> [B, H', W', C].
+
+    enc: x <- pixel_norm(skip(resample(x))); y = conv1(drop(mp_silu(mod(conv0(mp_silu(x)), emb))))
+    dec: the same residual branch on resample(x); skip(x) after it. Then x = mp_sum(x, y), an
+    optional attention branch mp_sum'd the same way, and clipping to +-clip_act.
+    """
+
+    out_channels: int
+    flavor: str = "enc"
+    resample_mode: str = "keep"
+    attention: bool = False
+    channels_per_head: int = 64
+    dropout: float = 0.0
+    res_balance: float = 0.3
+    attn_balance: float = 0.3
+    clip_act: float | None = 256.0
+    modulation: str = "adn"
+    attention_impl: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+        c, dt = self.out_channels, self.dtype
+        x = resample(x, self.resample_mode)
+        needs_skip = x.shape[-1] != c
+        if self.flavor == "enc":
+            if needs_skip:
+                x = MPConv(c, (1, 1), dtype=dt, name="conv_skip")(x)
+            x = normalize(x, axis=-1)
+        y = MPConv(c, (3, 3), dtype=dt, name="conv_res0")(mp_silu(x))
+        y = mp_silu(Modulation(self.modulation, name="modulation")(y, emb))
+        if self.dropout:
+            y = nn.Dropout(self.dropout, deterministic=not train)(y)
+        y = MPConv(c, (3, 3), dtype=dt, name="conv_res1")(y)
+        if self.flavor == "dec" and needs_skip:
+            x = MPConv(c, (1, 1), dtype=dt, name="conv_skip")(x)
+        x = mp_sum(x, y, self.res_balance)
+        if self.attention:
+            if c % self.channels_per_head:
+                raise ValueError(f"block width {c} is not divisible by channels_per_head "
+                                 f"{self.channels_per_head}")
+            heads = c // self.channels_per_head
+            y = MPSelfAttention(heads, self.attention_impl, dt, name="attn")(x)
+            x = mp_sum(x, y, self.attn_balance)
+        if self.clip_act is not None:
+            x = jnp.clip(x, -self.clip_act, self.clip_act)
+        return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+class EDM2UNet(nn.Module):
+    """F_theta(x_t / sigma_d, t, y, s) with EDM2's U-Net. x: [B, R, R, C] -> [B, R, R, C].
+
+    Resolution R halves once per entry of `channel_mult` after the first. noise_channels defaults
+    to model_channels * channel_mult[0] and emb_channels to model_channels * max(channel_mult), as
+    in EDM2. Output in float32 (float64 when dtype is float64).
+    """
+
+    model_channels: int = 192
+    channel_mult: Sequence[int] = (1, 2, 3, 4)
+    num_blocks: int = 3
+    attn_resolutions: Sequence[int] = (16, 8)
+    channels_per_head: int = 64
+    noise_channels: int | None = None
+    emb_channels: int | None = None
+    num_classes: int = 0
+    guidance_input: bool = False
+    label_balance: float = 0.5
+    concat_balance: float = 0.3
+    res_balance: float = 0.3
+    attn_balance: float = 0.3
+    clip_act: float | None = 256.0
+    dropout: float = 0.0
+    dropout_max_resolution: int = 0     # dropout only at resolutions <= this; 0: everywhere
+    modulation: str = "adn"
+    attention_impl: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+
+    def _check_inputs(self, x, t, y, guidance):
+        if self.modulation not in MODULATIONS:
+            raise ValueError(f"unknown modulation {self.modulation!r}; expected one of "
+                             f"{MODULATIONS}")
+        check_attention_impl(self.attention_impl)
+        if x.ndim != 4 or x.shape[1] != x.shape[2]:
+            raise ValueError(f"expected square images x of shape [B, R, R, C], got {x.shape}")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if x.shape[1] % factor:
+            raise ValueError(f"resolution {x.shape[1]} is not divisible by {factor}, which "
+                             f"{len(self.channel_mult)} levels of channel_mult need")
+        if t.shape != x.shape[:1]:
+            raise ValueError(f"expected t of shape [B]={x.shape[:1]}, got {t.shape}")
+        if self.num_classes:
+            if y is None:
+                raise ValueError("this network is class-conditional: pass labels y of shape [B]")
+            if y.shape != x.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
+                raise ValueError(f"expected int labels y of shape [B]={x.shape[:1]}, got "
+                                 f"{y.dtype}{list(y.shape)}")
+        elif y is not None:
+            raise ValueError("labels were given to an unconditional network (num_classes=0)")
+        if self.guidance_input:
+            if guidance is None:
+                raise ValueError("this network takes a guidance scale: pass guidance of shape [B]")
+            if jnp.shape(guidance) not in ((), x.shape[:1]):
+                raise ValueError(f"expected guidance of shape [B]={x.shape[:1]}, got "
+                                 f"{jnp.shape(guidance)}")
+        elif guidance is not None:
+            raise ValueError("a guidance scale was given to a network without guidance_input")
+
+    def _embed(self, t, y, guidance):
+        """[B] inputs -> emb [B, E], in float32 at least: the sCM tangent runs through it."""
+        dtype = at_least_f32(self.dtype)
+        cnoise = self.noise_channels or self.model_channels * self.channel_mult[0]
+        cemb = self.emb_channels or self.model_channels * max(self.channel_mult)
+        emb = MPConv(cemb, dtype=dtype, name="emb_noise")(mp_positional_features(t, cnoise))
+        if self.guidance_input:
+            g = mp_positional_features(jnp.broadcast_to(guidance, t.shape).astype(t.dtype), cnoise)
+            # Plain zero-initialized linear (not MP: forced normalization would blow a zero weight
+            # up on the first step): a student initialized from its teacher starts identical to it.
+            emb = emb + nn.Dense(cemb, use_bias=False, dtype=dtype, name="emb_guidance",
+                                 kernel_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                          DENSE_AXES))(g)
+        if self.num_classes:
+            # one_hot maps the null label (index num_classes) to EDM2's all-zero label vector.
+            onehot = jax.nn.one_hot(y, self.num_classes, dtype=dtype) * np.sqrt(self.num_classes)
+            label = MPConv(cemb, axes=("vocab", "embed_out"), dtype=dtype, name="emb_label")(onehot)
+            emb = mp_sum(emb, label, self.label_balance)
+        return mp_silu(emb)
+
+    @nn.compact
+    def __call__(self, x, t, y=None, guidance=None, *, train: bool = False):
+        self._check_inputs(x, t, y, guidance)
+        emb = self._embed(t, y, guidance)
+        cblock = [self.model_channels * m for m in self.channel_mult]
+        levels = len(cblock)
+
+        def block(channels, flavor, res, name, **kw):
+            drop = self.dropout if (not self.dropout_max_resolution
+                                    or res <= self.dropout_max_resolution) else 0.0
+            return Block(channels, flavor, channels_per_head=self.channels_per_head, dropout=drop,
+                         res_balance=self.res_balance, attn_balance=self.attn_balance,
+                         clip_act=self.clip_act, modulation=self.modulation,
+                         attention_impl=self.attention_impl, dtype=self.dtype,
+                         name=f"{flavor}_{res}x{res}_{name}", **kw)
+
+        # Encoder. EDM2's constant-ones channel lets the first conv see the image border.
+        h = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1).astype(self.dtype)
+        skips = []
+        for level, channels in enumerate(cblock):
+            res = x.shape[1] >> level
+            if level == 0:
+                h = MPConv(channels, (3, 3), dtype=self.dtype, name=f"enc_{res}x{res}_conv")(h)
+            else:
+                h = block(h.shape[-1], "enc", res, "down",
+                          resample_mode="down")(h, emb, train=train)
+            skips.append(h)
+            for i in range(self.num_blocks):
+                h = block(channels, "enc", res, f"block{i}",
+                          attention=res in self.attn_resolutions)(h, emb, train=train)
+                skips.append(h)
+
+        # Decoder, fed every encoder output through mp_cat.
+        for level in reversed(range(levels)):
+            res = x.shape[1] >> level
+            if level == levels - 1:
+                h = block(h.shape[-1], "dec", res, "in0", attention=True)(h, emb, train=train)
+                h = block(h.shape[-1], "dec", res, "in1")(h, emb, train=train)
+            else:
+                h = block(h.shape[-1], "dec", res, "up", resample_mode="up")(h, emb, train=train)
+            for i in range(self.num_blocks + 1):
+                h = mp_cat(h, skips.pop(), t=self.concat_balance)
+                h = block(cblock[level], "dec", res, f"block{i}",
+                          attention=res in self.attn_resolutions)(h, emb, train=train)
+        out = MPConv(x.shape[-1], (3, 3), dtype=self.dtype, name="out_conv")(
+            h, _scalar_gain(self, "out_gain"))
+        return out.astype(at_least_f32(self.dtype))
+
+
+def project_params(params):
+    """EDM2's forced weight normalization (EDM2 Eq. 66) as a projection after an optimizer step.
+
+    Re-normalizes every MP weight (param name `MP_WEIGHT`) to unit RMS per output channel
+    (`mp_layers.project_weight`, idempotent); every other leaf passes through. Pure and jittable;
+    works on plain and on `LogicallyPartitioned` (boxed) trees. The forward never calls it: it
+    normalizes its own copy of each weight.
+    """
+
+    def project(path, leaf):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return project_weight(leaf) if names and names[-1] == MP_WEIGHT else leaf
+
+    return jax.tree_util.tree_map_with_path(project, params)
+
+
+# Constructor kwargs per size. s..xxl are EDM2's img512 (64x64x4 latents) and img64 (64x64x3
+# pixels) networks: the same architecture, model_channels 192 / 256 / 320 / 384 / 448.
+# 'xs' is a tiny test network for 16x16 inputs.
+PRESETS = {
+    "xs": dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+               channels_per_head=8, noise_channels=16, emb_channels=32),
+    "s": dict(model_channels=192),
+    "m": dict(model_channels=256),
+    "l": dict(model_channels=320),
+    "xl": dict(model_channels=384),
+    "xxl": dict(model_channels=448),
+}
+
+CONFIG_KEYS = ("channels", "channel_mult", "num_blocks", "attn_resolutions", "channels_per_head",
+               "num_classes", "guidance_input", "attention_impl", "dropout_max_resolution",
+               "noise_channels", "modulation")
+
+
+def from_config(model, *, dropout: float, dtype) -> EDM2UNet:
+    """The EDM2 U-Net that config.model describes.
+
+    Reads: channels (model_channels), channel_mult, num_blocks, attn_resolutions,
+    channels_per_head, num_classes, guidance_input, attention_impl, dropout_max_resolution,
+    noise_channels (0/None: model_channels * channel_mult[0]), modulation ('adn' | 'edm2') and,
+    optionally, emb_channels (absent/0/None: model_channels * max(channel_mult)). `dropout` and
+    `dtype` come from the caller (each stage sets its own rate).
+    """
+    missing = [k for k in CONFIG_KEYS if k not in model]
+    if missing:
+        raise ValueError(f"config.model lacks {missing}, which the edm2 backbone needs "
+                         f"(it reads {list(CONFIG_KEYS)} and optionally emb_channels)")
+    if model.modulation not in MODULATIONS:
+        raise ValueError(f"unknown model.modulation {model.modulation!r}; expected one of "
+                         f"{MODULATIONS}")
+    if model.dropout_max_resolution < 0:
+        raise ValueError(f"model.dropout_max_resolution must be >= 0 (0: everywhere), got "
+                         f"{model.dropout_max_resolution}")
+    return EDM2UNet(
+        model_channels=model.channels,
+        channel_mult=tuple(model.channel_mult),
+        num_blocks=model.num_blocks,
+        attn_resolutions=tuple(model.attn_resolutions),
+        channels_per_head=model.channels_per_head,
+        noise_channels=model.noise_channels or None,
+        emb_channels=model.get("emb_channels") or None,
+        num_classes=model.num_classes,
+        guidance_input=model.guidance_input,
+        attention_impl=model.attention_impl,
+        dropout_max_resolution=model.dropout_max_resolution,
+        modulation=model.modulation,
+        dropout=dropout,
+        dtype=dtype,
+    )

@@ -1,0 +1,102 @@
+"""Magnitude-preserving (MP) primitives of EDM2 (Karras et al. 2024, config G).
+
+Every primitive keeps unit-variance inputs at unit variance, so activations and their JVP
+tangents keep their scale through the whole U-Net without normalization layers. Weights of MP
+layers are stored unnormalized under the param name `MP_WEIGHT` and normalized inside the forward
+(`normalize`, a pure function); the in-place "forced" weight normalization of EDM2 is a
+projection after each optimizer step (`edm2.project_params`), never part of the forward.
+
+Layouts are Flax's: activations [..., C], conv kernels [kh, kw, C_in, C_out], dense [C_in, C_out].
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scm_jax.networks.layers import at_least_f32, positional_embedding
+
+# The param name every MP layer stores its weight under; `edm2.project_params` finds weights by it.
+MP_WEIGHT = "mp_weight"
+CONV_AXES = ("conv_height", "conv_width", "embed_in", "embed_out")
+DENSE_AXES = ("embed_in", "embed_out")
+
+
+# normalize(x) = x / (eps + ||x|| / sqrt(N)) over `axis` (EDM2 Eq. 66 for weights; for activations
+# over channels it is EDM2's pixel norm, Fig. 21). The norm is taken in float32 at least.
+def normalize(x: jax.Array, axis=-1, eps: float = 1e-4) -> jax.Array:
+    x32 = x.astype(at_least_f32(x.dtype))
+    rms = jnp.sqrt(jnp.mean(jnp.square(x32), axis=axis, keepdims=True))
+    return x / (eps + rms).astype(x.dtype)
+
+
+def normalize_weight(w: jax.Array) -> jax.Array:
+    """Unit RMS per output channel (the last axis), in w's dtype: EDM2 Eq. 66."""
+    return normalize(w.astype(at_least_f32(w.dtype)), axis=tuple(range(w.ndim - 1))).astype(w.dtype)
+
+
+# The forced-normalization projection: exactly unit RMS per output channel. EDM2 divides by
+# eps + rms here too, which is not idempotent (its fixed point is rms = 1 - eps, reached only in
+# the limit); dividing by max(rms, eps) is, and differs from it by O(eps) only.
+def project_weight(w: jax.Array, eps: float = 1e-4) -> jax.Array:
+    w32 = w.astype(at_least_f32(w.dtype))
+    rms = jnp.sqrt(jnp.mean(jnp.square(w32), axis=tuple(range(w.ndim - 1)), keepdims=True))
+    return (w32 / jnp.maximum(rms, eps)).astype(w.dtype)
+
+
+# mp_silu(x) = silu(x) / 0.596, where 0.596 = sqrt(E[silu(z)^2]) for z ~ N(0, 1) (EDM2 Eq. 81).
+def mp_silu(x: jax.Array) -> jax.Array:
+    return nn.silu(x) / 0.596
+
+
+# mp_sum(a, b) = ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2) (EDM2 Eq. 88).
+def mp_sum(a: jax.Array, b: jax.Array, t: float = 0.5) -> jax.Array:
+    return (a + t * (b - a)) / np.sqrt((1 - t) ** 2 + t ** 2)
+
+
+# mp_cat: concatenation over channels weighted so each part contributes by balance t and the
+# result keeps unit RMS (EDM2 Eq. 103). a: [..., Na], b: [..., Nb] -> [..., Na + Nb].
+def mp_cat(a: jax.Array, b: jax.Array, t: float = 0.5) -> jax.Array:
+    na, nb = a.shape[-1], b.shape[-1]
+    c = np.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return jnp.concatenate([a * (c / np.sqrt(na) * (1 - t)), b * (c / np.sqrt(nb) * t)], axis=-1)
+
+
+# MP positional features: sqrt(2) [cos(c w_k), sin(c w_k)] has unit RMS like EDM2's MPFourier
+# (Eq. 75), but with the deterministic low frequencies sCM needs (Sec. 4.1). c: [B] -> [B, N].
+def mp_positional_features(c: jax.Array, num_channels: int) -> jax.Array:
+    return positional_embedding(c, num_channels) * np.sqrt(2.0)
+
+
+class MPConv(nn.Module):
+    """MP convolution (kernel_size (kh, kw)) or dense layer (kernel_size ()): EDM2 Eq. 47.
+
+    w = normalize(w) * gain / sqrt(fan_in), then an ordinary conv / matmul in `dtype` (the weight
+    is normalized in float32 at least, then cast). Weights are initialized N(0, 1); their scale
+    never matters to the output. x: [..., C_in] (dense) or [B, H, W, C_in] (conv).
+    """
+
+    features: int
+    kernel_size: Sequence[int] = ()
+    axes: Sequence[str] | None = None   # logical axis names; CONV_AXES / DENSE_AXES by default
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gain=1.0) -> jax.Array:
+        ks = tuple(self.kernel_size)
+        if len(ks) not in (0, 2):
+            raise ValueError(f"MPConv kernel_size must be () or (kh, kw), got {ks}")
+        axes = tuple(self.axes) if self.axes is not None else (CONV_AXES if ks else DENSE_AXES)
+        shape = ks + (x.shape[-1], self.features)
+        w = self.param(MP_WEIGHT, nn.with_logical_partitioning(nn.initializers.normal(1.0), axes),
+                       shape, self.param_dtype)
+        fan_in = int(np.prod(shape[:-1]))
+        w = normalize_weight(w.astype(at_least_f32(w.dtype))) * (gain / np.sqrt(fan_in))
+        w = w.astype(self.dtype)
+        x = x.astype(self.dtype)
+        if not ks or ks == (1, 1):
+            return x @ w.reshape(-1, self.features)
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
