@@ -2,6 +2,11 @@
 
     python benchmarks/step_cost.py [--config=experiments/digits.py] [--batch=64] [--steps=20]
                                    [--json=PATH]
+    python benchmarks/step_cost.py --config=experiments/imagenet64.py:variant=runlocal \
+        --synthetic --batch=8 --set=model.channels=32      # a paper backbone, reduced
+
+`--synthetic` feeds random batches of the config's data shape (the paper datasets need prepared
+files); `--set=key=value` (repeatable) overrides config entries, e.g. to shrink a backbone.
 
 For each stage (teacher, sCT, sCD, dsCD) it compiles the jitted train step once, times `--steps`
 calls (median, after one warm-up call) and reads the compiled step's FLOPs from XLA's
@@ -36,6 +41,30 @@ def load_config(path: str):
     return module.get_config(arg or None)
 
 
+def set_entry(config, item: str) -> None:
+    """'a.b.c=value' -> config.a.b.c = value, parsed as the entry's current type."""
+    import ast
+
+    key, _, value = item.partition("=")
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    if leaf not in node:
+        raise ValueError(f"--set {item!r}: the config has no entry {key!r}")
+    current = node[leaf]
+    node[leaf] = value if isinstance(current, str) else type(current)(ast.literal_eval(value))
+
+
+def synthetic_batch(config, batch_size: int) -> dict:
+    from scm_jax.data import data_shape
+
+    key_x, key_y = jax.random.split(jax.random.PRNGKey(0))
+    shape = (batch_size,) + tuple(data_shape(config.data))
+    return dict(image=config.data.sigma_d * jax.random.normal(key_x, shape),
+                label=jax.random.randint(key_y, (batch_size,), 0, max(config.model.num_classes, 1)))
+
+
 def flops_of(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -59,14 +88,23 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", default="")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="random batches of the data shape instead of the dataset")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config entry (repeatable), e.g. model.channels=32")
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
+    for item in args.set:
+        set_entry(config, item)
     for name in ("teacher", "scd", "sct", "dscd"):
         config[name].batch_size = args.batch
         config[name].dropout = 0.0   # same network function in every stage
-    batches = build_train_batches(config.data, batch_size=args.batch, seed=0)
-    batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
+    if args.synthetic:
+        batch = synthetic_batch(config, args.batch)
+    else:
+        batches = build_train_batches(config.data, batch_size=args.batch, seed=0)
+        batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
     shape = batch["image"].shape[1:]
     teacher = ts.build_stage(config, "teacher")
     teacher_state = ts.init_state(teacher, jax.random.PRNGKey(0), shape)
@@ -90,6 +128,8 @@ def main(argv=None):
     x = batch["image"]
     t = jnp.full((args.batch,), 0.7)
     cond = {"y": batch["label"]} if config.model.num_classes else {}
+    if config.model.get("guidance_input"):
+        cond["guidance"] = jnp.ones((args.batch,), jnp.float32)
     key = jax.random.PRNGKey(0)
     fwd = jax.jit(lambda p: stage.net_train(p, x, t, cond, key))
     fwd_bwd = jax.jit(jax.grad(lambda p: jnp.sum(stage.net_train(p, x, t, cond, key) ** 2)))

@@ -8,6 +8,9 @@
   for the tangent pass of the sCM loss only: `jax.grad` would transpose the JVP rule, and a
   `pallas_call` has no transpose rule, so `train_step.build_stage` gives the differentiated
   network 'xla' whatever the config says (DESIGN.md §3).
+- 'auto': 'pallas' on TPU and GPU, 'xla' on CPU (where the kernel only runs in the slow
+  interpreter). The paper configs use it, so the fused kernel is the tangent pass's default on
+  accelerators.
 """
 import functools
 
@@ -18,7 +21,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from scm_jax.kernels import flash_jvp as kernel
 
-ATTENTION_IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = ("xla", "pallas", "auto")
 # A mesh axis of this name splits the heads in the kernel's shard_map; every other axis of the
 # context mesh splits the batch.
 HEAD_AXIS = "model"
@@ -86,10 +89,18 @@ def attention(q, k, v, *, impl: str = "xla", kv_mask=None):
     -> [B, N, H, D]. Every backbone calls this, never a backend directly, so switching
     `attention_impl` switches every attention layer at once.
     """
-    check_attention_impl(impl)
+    impl = resolve_attention_impl(impl)
     if impl == "pallas":
         return pallas_attention(q, k, v, kv_mask)
     return dot_product_attention(q, k, v, kv_mask)
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """'auto' -> 'pallas' on TPU/GPU, 'xla' on CPU; other names are checked and returned."""
+    check_attention_impl(impl)
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+    return impl
 
 
 def check_attention_impl(impl: str) -> str:
