@@ -124,7 +124,8 @@ def main(argv=None):
 
     # Standalone pieces, to see whether the sCT step shares F^- with the gradient pass's forward.
     stage = ts.build_stage(config, "sct")
-    params = teacher_state.ema
+    # The student's own parameters (a guided student has an input the teacher lacks).
+    params = ts.init_state(stage, jax.random.PRNGKey(1), shape).params["net"]
     x = batch["image"]
     t = jnp.full((args.batch,), 0.7)
     cond = {"y": batch["label"]} if config.model.num_classes else {}
