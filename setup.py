@@ -23,7 +23,7 @@ CORE = [
 EXTRAS = {
     # libtpu: the TPU compiler, so the tests can compile the Mosaic kernel ahead of time for a
     # real TPU topology on a CPU host (the version jax[tpu] pins for the installed jax).
-    "test": ["pytest>=8.0", "libtpu==0.0.42.1"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "libtpu==0.0.42.1"],
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]", "jax-triton>=0.3"],
     "data": ["tensorflow-cpu>=2.16"],

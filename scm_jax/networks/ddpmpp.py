@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import at_least_f32, pixel_norm, positional_embedding
+from scm_jax.networks.layers import at_least_f32, check_inputs, pixel_norm, positional_embedding
 
 MODULATIONS = ("adn", "additive")
 CONV_AXES = ("conv_height", "conv_width", "embed_in", "embed_out")
@@ -235,30 +235,12 @@ class DDPMPP(nn.Module):
             raise ValueError(f"unknown modulation {self.modulation!r}; "
                              f"expected one of {MODULATIONS}")
         check_attention_impl(self.attention_impl)
-        if x.ndim != 4:
-            raise ValueError(f"expected x of shape [B, H, W, C], got {x.shape}")
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"expected t of shape [B]={x.shape[:1]}, got {t.shape}")
+        check_inputs(x, t, y, guidance, num_classes=self.num_classes,
+                     guidance_input=self.guidance_input)
         factor = 2 ** (len(self.channel_mult) - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"input size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, "
                              f"the downsampling factor of channel_mult={tuple(self.channel_mult)}")
-        if self.num_classes:
-            if y is None:
-                raise ValueError("this network is class-conditional: pass labels y of shape [B]")
-            if y.shape != x.shape[:1]:
-                raise ValueError(f"expected labels y of shape [B]={x.shape[:1]}, got {y.shape}")
-        elif y is not None:
-            raise ValueError("labels were given to an unconditional network (model.num_classes=0)")
-        if self.guidance_input:
-            if guidance is None:
-                raise ValueError("this network takes a guidance scale: pass guidance of shape [B]")
-            if guidance.shape != x.shape[:1]:
-                raise ValueError(f"expected guidance of shape [B]={x.shape[:1]}, "
-                                 f"got {guidance.shape}")
-        elif guidance is not None:
-            raise ValueError("a guidance scale was given to a network without a guidance input "
-                             "(model.guidance_input=False)")
 
 
 CONFIG_KEYS = ("channels", "channel_mult", "num_blocks", "attn_resolutions", "num_heads",

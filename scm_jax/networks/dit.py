@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import at_least_f32, pixel_norm, positional_embedding
+from scm_jax.networks.layers import at_least_f32, check_inputs, pixel_norm, positional_embedding
 
 MODULATIONS = ("adn", "adaln")
 DENSE_AXES = ("embed_in", "embed_out")
@@ -230,29 +230,11 @@ class DiT(nn.Module):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
-        if x.ndim != 4:
-            raise ValueError(f"expected x of shape [B, H, W, C], got {x.shape}")
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"expected t of shape [B]={x.shape[:1]}, got {t.shape}")
+        check_inputs(x, t, y, guidance, num_classes=self.num_classes,
+                     guidance_input=self.guidance_input)
         if self.patch_size < 1 or x.shape[1] % self.patch_size or x.shape[2] % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} does not divide the input size "
                              f"{x.shape[1]}x{x.shape[2]}")
-        if self.num_classes:
-            if y is None:
-                raise ValueError("this network is class-conditional: pass labels y of shape [B]")
-            if y.shape != x.shape[:1]:
-                raise ValueError(f"expected labels y of shape [B]={x.shape[:1]}, got {y.shape}")
-        elif y is not None:
-            raise ValueError("labels were given to an unconditional network (model.num_classes=0)")
-        if self.guidance_input:
-            if guidance is None:
-                raise ValueError("this network takes a guidance scale: pass guidance of shape [B]")
-            if guidance.shape != x.shape[:1]:
-                raise ValueError(f"expected guidance of shape [B]={x.shape[:1]}, "
-                                 f"got {guidance.shape}")
-        elif guidance is not None:
-            raise ValueError("a guidance scale was given to a network without a guidance input "
-                             "(model.guidance_input=False)")
 
 
 CONFIG_KEYS = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "num_classes",

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import at_least_f32, pixel_norm
+from scm_jax.networks.layers import at_least_f32, check_inputs, pixel_norm
 from scm_jax.networks.mp_layers import (DENSE_AXES, MP_WEIGHT, MPConv, mp_cat,
                                         mp_positional_features, mp_silu, mp_sum, normalize,
                                         project_weight)
@@ -180,24 +180,8 @@ class EDM2UNet(nn.Module):
         if x.shape[1] % factor:
             raise ValueError(f"resolution {x.shape[1]} is not divisible by {factor}, which "
                              f"{len(self.channel_mult)} levels of channel_mult need")
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"expected t of shape [B]={x.shape[:1]}, got {t.shape}")
-        if self.num_classes:
-            if y is None:
-                raise ValueError("this network is class-conditional: pass labels y of shape [B]")
-            if y.shape != x.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
-                raise ValueError(f"expected int labels y of shape [B]={x.shape[:1]}, got "
-                                 f"{y.dtype}{list(y.shape)}")
-        elif y is not None:
-            raise ValueError("labels were given to an unconditional network (num_classes=0)")
-        if self.guidance_input:
-            if guidance is None:
-                raise ValueError("this network takes a guidance scale: pass guidance of shape [B]")
-            if jnp.shape(guidance) not in ((), x.shape[:1]):
-                raise ValueError(f"expected guidance of shape [B]={x.shape[:1]}, got "
-                                 f"{jnp.shape(guidance)}")
-        elif guidance is not None:
-            raise ValueError("a guidance scale was given to a network without guidance_input")
+        check_inputs(x, t, y, guidance, num_classes=self.num_classes,
+                     guidance_input=self.guidance_input)
 
     def _embed(self, t, y, guidance):
         """[B] inputs -> emb [B, E], in float32 at least: the sCM tangent runs through it."""

@@ -9,6 +9,33 @@ import jax
 import jax.numpy as jnp
 
 
+def check_inputs(x, t, y, guidance, *, num_classes: int, guidance_input: bool) -> None:
+    """The checks every backbone makes of its inputs, x [B, H, W, C], t [B], y [B] int labels
+    (class-conditional nets only) and guidance [] or [B] (guided students only); a ValueError
+    names the bad input and what was expected."""
+    if x.ndim != 4:
+        raise ValueError(f"expected x of shape [B, H, W, C], got {x.shape}")
+    batch = x.shape[:1]
+    if t.shape != batch:
+        raise ValueError(f"expected t of shape [B]={batch}, got {t.shape}")
+    if num_classes:
+        if y is None:
+            raise ValueError("this network is class-conditional: pass labels y of shape [B]")
+        if y.shape != batch or not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"expected int labels y of shape [B]={batch}, got "
+                             f"{y.dtype}{list(y.shape)}")
+    elif y is not None:
+        raise ValueError("labels were given to an unconditional network (model.num_classes=0)")
+    if guidance_input:
+        if guidance is None:
+            raise ValueError("this network takes a guidance scale: pass guidance of shape [B]")
+        if jnp.shape(guidance) not in ((), batch):
+            raise ValueError(f"expected guidance of shape [B]={batch}, got {jnp.shape(guidance)}")
+    elif guidance is not None:
+        raise ValueError("a guidance scale was given to a network without a guidance input "
+                         "(model.guidance_input=False)")
+
+
 def at_least_f32(dtype):
     """float32 for low-precision dtypes, the dtype itself for float32/float64."""
     return jnp.promote_types(dtype, jnp.float32)
