@@ -461,7 +461,7 @@ def test_bad_inputs_raise_clear_errors():
         (cond, (x, t, None, g), "class-conditional"),
         (cond, (x, t, y.astype(jnp.float32), g), "int labels"),
         (cond, (x, t, y, None), "guidance scale"),
-        (plain, (x, t, None, g), "without guidance_input"),
+        (plain, (x, t, None, g), "without a guidance input"),
         (cond, (x, t, y, g[:1]), "guidance of shape"),
         (plain, (x, t[:1], None, None), "t of shape"),
         (plain, (x[:, :, :8], t, None, None), "square"),
