@@ -9,6 +9,7 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,10 +43,12 @@ def abstract_train_state(stage: ts.Stage, image_shape, *, boxed: bool = False):
         lambda: ts.init_state(stage, jax.random.PRNGKey(0), image_shape, boxed=boxed))
 
 
-def state_shardings(stage: ts.Stage, image_shape, mesh, rules):
-    """NamedShardings of the TrainState: weights split by the logical rules (FSDP), scalars and
-    unnamed leaves replicated."""
-    return sharding.tree_shardings(abstract_train_state(stage, image_shape, boxed=True), mesh, rules)
+def sharded_abstract_state(stage: ts.Stage, image_shape, mesh, rules):
+    """(abstract TrainState carrying its shardings, the NamedShardings) from one trace of the
+    init: weights split by the logical rules (FSDP), scalars and unnamed leaves replicated."""
+    boxed = abstract_train_state(stage, image_shape, boxed=True)
+    shardings = sharding.tree_shardings(boxed, mesh, rules)
+    return sharding.with_shardings(nn.meta.unbox(boxed), shardings), shardings
 
 
 def restore_stage_ema(config, name: str, workdir: str, mesh=None):
@@ -63,11 +66,11 @@ def restore_stage_ema(config, name: str, workdir: str, mesh=None):
     store = ckpt.CheckpointStore(directory, async_save=False)
     try:
         stage = ts.build_stage(config, name)
-        abstract = abstract_train_state(stage, image_shape(config))
-        if mesh is not None:
-            shardings = state_shardings(stage, image_shape(config), mesh,
-                                        sharding.logical_rules(config.mesh))
-            abstract = sharding.with_shardings(abstract, shardings)
+        if mesh is None:
+            abstract = abstract_train_state(stage, image_shape(config))
+        else:
+            abstract, _ = sharded_abstract_state(stage, image_shape(config), mesh,
+                                                 sharding.logical_rules(config.mesh))
         state, _ = store.restore(abstract)
     finally:
         store.close()
@@ -126,11 +129,10 @@ def train_stage(config, name: str, workdir: str, *, log=print):
         teacher_stage = ts.build_stage(config, "teacher")
 
     # --- Shapes and shardings ---------------------------------------------------------------
-    abstract = abstract_train_state(stage, shape)
+    abstract, state_sharding = sharded_abstract_state(stage, shape, mesh, rules)
     repl = sharding.replicated(mesh)
-    state_sharding = state_shardings(stage, shape, mesh, rules)
-    teacher_sharding = (state_shardings(teacher_stage, shape, mesh, rules).ema
-                        if teacher_stage else None)
+    # The teacher was restored straight into its shardings.
+    teacher_sharding = jax.tree.map(lambda a: a.sharding, teacher_params)
     step_fn = jax.jit(
         ts.make_train_step(stage, teacher_stage.net_eval if teacher_stage else None),
         in_shardings=(state_sharding, sharding.batch_sharded(mesh), teacher_sharding),
@@ -142,7 +144,7 @@ def train_stage(config, name: str, workdir: str, *, log=print):
     stage_key = jax.random.fold_in(jax.random.PRNGKey(config.seed),
                                    configs.TRAIN_STAGES.index(name))
     if store.latest_step() is not None:
-        state, data_state = store.restore(sharding.with_shardings(abstract, state_sharding))
+        state, data_state = store.restore(abstract)
         batches.set_state(data_state)
         log(f"[{name}] resumed from step {int(state.step)} in {directory}")
     else:
@@ -154,8 +156,6 @@ def train_stage(config, name: str, workdir: str, *, log=print):
                                           stage_dir(config, "teacher", workdir))
             state = jax.device_put(ts.with_net_params(stage, state, net), state_sharding)
         ckpt.write_json_atomic(os.path.join(directory, "config.json"), record)
-    if teacher_params is not None:
-        teacher_params = jax.device_put(teacher_params, teacher_sharding)
 
     # --- Loop -------------------------------------------------------------------------------
     logger = MetricLogger(directory, name=name, total_steps=cfg.steps, log=log)

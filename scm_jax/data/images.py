@@ -17,13 +17,13 @@ so they do not either. The iterator's state is grain's own (the index of the nex
 or each worker's position under `num_workers > 0`), saved as JSON with a signature of the
 pipeline that `set_state` checks.
 """
-import json
 
 import grain
 import ml_collections
 import numpy as np
 
 from scm_jax.data.image_preprocessing import adm_center_crop, uint8_to_unit_range
+from scm_jax.data.signed_iterator import SignedIterator
 
 IMAGE_DATASETS = {
     "cifar10": dict(tfds_name="cifar10", resolution=32, num_classes=10),
@@ -186,7 +186,7 @@ class _LoadRows:
         return dict(image=uint8_to_unit_range(images), label=labels)
 
 
-class ImageBatches:
+class ImageBatches(SignedIterator):
     """Iterator over this host's rows of the global batches; checkpointable.
 
     next(it) -> dict(image=float32 [B/P, R, R, 3], label=int32 [B/P]); get_state() -> a JSON
@@ -194,30 +194,16 @@ class ImageBatches:
     length of a finite pass (None when repeating forever).
     """
 
-    def __init__(self, dataset, signature: dict, num_batches: int | None):
-        self._iter = iter(dataset)
-        self._signature = signature
-        self.num_batches = num_batches
+    kind = "image"
 
-    def __iter__(self):
-        return self
+    def __init__(self, dataset, signature: dict, num_batches: int | None):
+        super().__init__(dataset, signature)
+        self.num_batches = num_batches
 
     def __next__(self) -> dict:
         batch = next(self._iter)
         # Worker outputs live in shared memory; a copy lets grain free it right away.
         return {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
-
-    def get_state(self) -> dict:
-        return dict(self._signature, grain=json.loads(json.dumps(self._iter.get_state())))
-
-    def set_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or "grain" not in state:
-            raise ValueError(f"not an image data-iterator state (no 'grain' entry): {state!r}")
-        for key, value in self._signature.items():
-            if state.get(key) != value:
-                raise ValueError(f"data-iterator state has {key}={state.get(key)!r} but this "
-                                 f"pipeline has {key}={value!r}; it belongs to another pipeline")
-        self._iter.set_state(state["grain"])
 
     def close(self) -> None:
         """Stops grain's worker processes (if any)."""

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from scm_jax.data.signed_iterator import SignedIterator
 from scm_jax.networks.vae import AutoencoderKL
 
 # Paper constants (digest §7): per-channel mean and std of sd-vae-ft-mse latents of [-1, 1] images.
@@ -208,30 +209,11 @@ def build_latent_batches(data_config, *, batch_size: int, seed: int, process_ind
     return LatentBatches(ds.to_iter_dataset(options), signature)
 
 
-class LatentBatches:
+class LatentBatches(SignedIterator):
     """The data protocol over grain's iterator. Its state names the pipeline it belongs to, so
     restoring a state into a different pipeline (batch size, seed...) fails instead of drifting."""
 
-    def __init__(self, dataset, signature: dict):
-        self._iter, self._signature = iter(dataset), signature
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return next(self._iter)
-
-    def get_state(self) -> dict:
-        return dict(self._signature, grain=json.loads(json.dumps(self._iter.get_state())))
-
-    def set_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or "grain" not in state:
-            raise ValueError(f"not a latent data-iterator state (no 'grain' entry): {state!r}")
-        for key, value in self._signature.items():
-            if state.get(key) != value:
-                raise ValueError(f"data-iterator state has {key}={state.get(key)!r} but this "
-                                 f"pipeline has {key}={value!r}; it belongs to another pipeline")
-        self._iter.set_state(state["grain"])
+    kind = "latent"
 
 
 @functools.partial(jax.jit, static_argnames=("vae", "sigma_d"))
