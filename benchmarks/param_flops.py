@@ -5,8 +5,8 @@
 Parameters come from `jax.eval_shape` of the network's init (nothing is allocated); FLOPs from
 XLA's `cost_analysis()` of the *lowered* (not compiled) forward at batch 1, so the largest
 presets cost seconds on a laptop. Published figures: the sCM paper's Tables 4/5 (parameters,
-EDM2 network), EDM2's Table 2 (Gflops at 512: S 102, XXL 552; M/L/XL are UNCONFIRMED recollections
-in the digest and are marked as such), DiT's Table 4 (Gflops at 256x256 images: S/2 6.06, B/2
+EDM2 network), EDM2's Table 2 (Gflops at 512: S 102, XXL 552; the M/L/XL figures are
+unconfirmed recollections and are marked as such), DiT's Table 4 (Gflops at 256x256 images: S/2 6.06, B/2
 23.01, L/2 80.71, XL/2 118.64; at 512x512 XL/2 is 524.6), EDM's DDPM++ (55.73 M parameters).
 Our networks carry the sCM changes (ADN doubles each block's embedding projection), so their
 parameter counts sit above the published ones by exactly that amount (tests/test_edm2.py,
@@ -21,21 +21,19 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-from scm_jax import paper_configs
+from scm_jax import configs, paper_configs
 from scm_jax.networks import build_network
 
-# name -> (config builder, arg, input shape, published params (M), published GFLOPs per image)
+# name -> (config spec, input shape, published params (M), published GFLOPs per image)
 PRESETS = {
-    "ddpmpp-cifar10": (paper_configs.cifar10_config, "variant=paper", (32, 32, 3), 55.73, None),
-    **{f"edm2-in64-{s}": (lambda a: paper_configs.imagenet_config("imagenet64", a),
-                          f"variant={s}", (64, 64, 3), p, None)
+    "ddpmpp-cifar10": ("experiments/cifar10.py:variant=paper", (32, 32, 3), 55.73, None),
+    **{f"edm2-in64-{s}": (f"experiments/imagenet64.py:variant={s}", (64, 64, 3), p, None)
        for s, p in paper_configs.IMAGENET64["paper_params_m"].items()},
-    **{f"edm2-in512-{s}": (lambda a: paper_configs.imagenet_config("imagenet512", a),
-                           f"variant={s}", (64, 64, 4), p, g)
+    **{f"edm2-in512-{s}": (f"experiments/imagenet512.py:variant={s}", (64, 64, 4), p, g)
        for (s, p), g in zip(paper_configs.IMAGENET512["paper_params_m"].items(),
                             (102.0, 181.0, 282.0, 406.0, 552.0))},
-    **{f"dit-in512-{s}": (lambda a: paper_configs.imagenet_config("imagenet512", a),
-                          f"variant={s},backbone=dit", (64, 64, 4), p, g)
+    **{f"dit-in512-{s}": (f"experiments/imagenet512.py:variant={s},backbone=dit", (64, 64, 4),
+                          p, g)
        for s, p, g in (("s", 33.0, None), ("b", 130.0, None), ("l", 458.0, None),
                        ("xl", 675.0, 524.6))},
 }
@@ -43,9 +41,8 @@ UNCONFIRMED = {"edm2-in512-m", "edm2-in512-l", "edm2-in512-xl"}
 ORIGINAL = {"edm2": "edm2", "ddpmpp": "additive", "dit": "adaln"}
 
 
-def measure(builder, arg, shape, modulation: str):
-    config = builder(arg)
-    model = config.model
+def measure(spec, shape, modulation: str):
+    model = configs.load_file(spec).model
     if modulation == "original":
         model.modulation = ORIGINAL[model.name]
     model.dtype = "float32"
@@ -76,8 +73,8 @@ def main(argv=None):
     print("| preset | params (M) | published (M) | ratio | GFLOPs / image | published | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name in names:
-        builder, arg, shape, paper_m, paper_g = PRESETS[name]
-        count, flops = measure(builder, arg, shape, args.modulation)
+        spec, shape, paper_m, paper_g = PRESETS[name]
+        count, flops = measure(spec, shape, args.modulation)
         rows[name] = dict(params=count, gflops=flops / 1e9, paper_params_m=paper_m,
                           paper_gflops=paper_g, paper_gflops_unconfirmed=name in UNCONFIRMED,
                           input_shape=list(shape), modulation=args.modulation)
@@ -85,7 +82,7 @@ def main(argv=None):
         gr = "-" if paper_g is None else f"{flops / 1e9 / paper_g:.2f}"
         print(f"| {name} | {count / 1e6:.1f} | {paper_m:g} | {count / 1e6 / paper_m:.3f} | "
               f"{flops / 1e9:.1f} | {pg} | {gr} |", flush=True)
-    print("(? = published figure UNCONFIRMED in the digest)", file=sys.stderr)
+    print("(? = a published figure we could not confirm)", file=sys.stderr)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

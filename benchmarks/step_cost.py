@@ -18,7 +18,6 @@ FLOPs of the standalone pieces (forward, forward+backward, JVP) give what an sCT
 with and without that sharing; the compiled sCT step's FLOPs say which one XLA produced.
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -28,32 +27,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from scm_jax import losses
-from scm_jax import train_step as ts
+from scm_jax import configs, objectives
 from scm_jax.data import build_train_batches
+from scm_jax.objectives.scm import scm_tangent
 
-
-def load_config(path: str):
-    file, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("experiment", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
-def set_entry(config, item: str) -> None:
-    """'a.b.c=value' -> config.a.b.c = value, parsed as the entry's current type."""
-    import ast
-
-    key, _, value = item.partition("=")
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-        node = node[part]
-    if leaf not in node:
-        raise ValueError(f"--set {item!r}: the config has no entry {key!r}")
-    current = node[leaf]
-    node[leaf] = value if isinstance(current, str) else type(current)(ast.literal_eval(value))
+STAGES = ("teacher", "sct", "scd", "dscd")
 
 
 def synthetic_batch(config, batch_size: int) -> dict:
@@ -94,27 +72,26 @@ def main(argv=None):
                         help="override a config entry (repeatable), e.g. model.channels=32")
     args = parser.parse_args(argv)
 
-    config = load_config(args.config)
-    for item in args.set:
-        set_entry(config, item)
-    for name in ("teacher", "scd", "sct", "dscd"):
-        config[name].batch_size = args.batch
-        config[name].dropout = 0.0   # same network function in every stage
+    overrides = list(args.set) + [f"{name}.{key}={value}" for name in STAGES
+                                  for key, value in (("batch_size", args.batch),
+                                                     ("dropout", 0.0))]  # one network function
+    config = configs.load(args.config, overrides)
     if args.synthetic:
         batch = synthetic_batch(config, args.batch)
     else:
         batches = build_train_batches(config.data, batch_size=args.batch, seed=0)
         batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
     shape = batch["image"].shape[1:]
-    teacher = ts.build_stage(config, "teacher")
-    teacher_state = ts.init_state(teacher, jax.random.PRNGKey(0), shape)
+    teacher_objective = objectives.build(config, "teacher")
+    teacher = objectives.Teacher(teacher_objective)
+    teacher_ema = teacher_objective.init_state(jax.random.PRNGKey(0), shape).nets["net"].ema
 
     rows = {}
-    for name in ("teacher", "sct", "scd", "dscd"):
-        stage = ts.build_stage(config, name)
-        state = ts.init_state(stage, jax.random.PRNGKey(1), shape)
-        tparams = None if name == "teacher" else teacher_state.ema
-        step = jax.jit(ts.make_train_step(stage, None if name == "teacher" else teacher.net_eval))
+    for name in STAGES:
+        objective = objectives.build(config, name)
+        state = objective.init_state(jax.random.PRNGKey(1), shape)
+        tparams = teacher_ema if objective.distills else None
+        step = jax.jit(objective.make_step(teacher if objective.distills else None))
         compiled = step.lower(state, batch, tparams).compile()
         # Each call starts from the same state: the timing is of the step, not of training.
         seconds = time_calls(lambda: compiled(state, batch, tparams), (), args.steps)
@@ -123,9 +100,9 @@ def main(argv=None):
               file=sys.stderr, flush=True)
 
     # Standalone pieces, to see whether the sCT step shares F^- with the gradient pass's forward.
-    stage = ts.build_stage(config, "sct")
+    stage = objectives.build(config, "sct")
     # The student's own parameters (a guided student has an input the teacher lacks).
-    params = ts.init_state(stage, jax.random.PRNGKey(1), shape).params["net"]
+    params = stage.init_state(jax.random.PRNGKey(1), shape).nets["net"].params
     x = batch["image"]
     t = jnp.full((args.batch,), 0.7)
     cond = {"y": batch["label"]} if config.model.num_classes else {}
@@ -134,8 +111,8 @@ def main(argv=None):
     key = jax.random.PRNGKey(0)
     fwd = jax.jit(lambda p: stage.net_train(p, x, t, cond, key))
     fwd_bwd = jax.jit(jax.grad(lambda p: jnp.sum(stage.net_train(p, x, t, cond, key) ** 2)))
-    jvp = jax.jit(lambda p: losses.scm_tangent(stage.net_train, p, x, t, x, cond, key,
-                                               sigma_d=stage.sigma_d, warmup_ratio=1.0))
+    jvp = jax.jit(lambda p: scm_tangent(stage.net_train, p, x, t, x, cond, key,
+                                        sigma_d=stage.sigma_d, warmup_ratio=1.0))
     pieces = {name: flops_of(fn.lower(params).compile())
               for name, fn in (("forward", fwd), ("forward_backward", fwd_bwd), ("jvp", jvp))}
     without_sharing = pieces["jvp"] + pieces["forward_backward"]

@@ -1,4 +1,4 @@
-"""Unconditional CIFAR-10 with DDPM++ (sCM App. G.1/G.2; digest §7), the paper's settings.
+"""Unconditional CIFAR-10 with DDPM++ (sCM App. G.1/G.2), the paper's settings.
 
     python -m scm_jax.main --config=experiments/cifar10.py:stage=teacher --workdir=DIR \
         --config.data.data_dir=/path/to/tensorflow_datasets

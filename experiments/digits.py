@@ -16,19 +16,22 @@ the tangent warm-up H is shortened in proportion to the run length; EDM2's force
 """
 import ml_collections
 
-from scm_jax import configs
+from scm_jax import configs, objectives, optimizers
+from scm_jax.errors import ConfigError
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = configs.parse_arg(arg, {"variant": "default", "stage": "all"})
     if args.variant not in ("default", "tiny"):
-        raise ValueError(f"unknown variant {args.variant!r}; expected 'default' or 'tiny'")
+        raise ConfigError(f"unknown variant {args.variant!r}; expected 'default' or "
+                          f"'tiny'")
     tiny = args.variant == "tiny"
 
     config = ml_collections.ConfigDict()
     config.stage = args.stage
     config.seed = 0
     config.dry_run = False
+    config.pipeline = ("teacher", "scd", "sct", "dscd", "eval")
     config.data = ml_collections.ConfigDict(dict(name="digits", holdout=297, sigma_d=0.75))
     config.model = ml_collections.ConfigDict(dict(
         name="unet",
@@ -51,19 +54,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     steps = lambda n: 4 if tiny else n  # noqa: E731
     batch = 16 if tiny else 64
     every = dict(log_every=2 if tiny else 100, checkpoint_every=2 if tiny else 500)
-    config.teacher = configs.stage_config(
+    config.teacher = objectives.section(
         "diffusion", steps=steps(2000), batch_size=batch, dropout=0.1, label_dropout=0.1,
         loss=dict(p_mean=-0.8, p_std=1.6),
-        optimizer=configs.optimizer_config(lr=2e-3, b2=0.99, schedule="inv_sqrt", t_ref=1000,
-                                           warmup_steps=100, force_finite=False),
+        optimizer=optimizers.default_config(lr=2e-3, b2=0.99, schedule="inv_sqrt", t_ref=1000,
+                                            warmup_steps=100, force_finite=False),
         ema=dict(kind="power", value=0.1), **every)
     cm = dict(batch_size=batch, loss=dict(p_mean=-1.0, p_std=1.6, warmup_steps=2 if tiny else 200),
-              optimizer=configs.optimizer_config(lr=2e-4, b2=0.99, force_finite=False), ema=dict(kind="power", value=0.1),
-              **every)
-    config.scd = configs.stage_config("scm", tangent="teacher", steps=steps(2500), **cm)
-    config.sct = configs.stage_config("scm", tangent="data", steps=steps(600), dropout=0.1, **cm)
-    config.dscd = configs.stage_config("discrete", steps=steps(400), **cm)
-    config.dscd.loss.num_points = 256
+              optimizer=optimizers.default_config(lr=2e-4, b2=0.99, force_finite=False),
+              ema=dict(kind="power", value=0.1), **every)
+    config.scd = objectives.section("scm", tangent="teacher", steps=steps(2500), **cm)
+    config.sct = objectives.section("scm", tangent="data", steps=steps(600), dropout=0.1, **cm)
+    config.dscd = objectives.section("discrete", steps=steps(400),
+                                     **dict(cm, loss=dict(cm["loss"], num_points=256)))
 
     config.eval = ml_collections.ConfigDict(dict(
         num_samples=64 if tiny else 1500,

@@ -1,4 +1,4 @@
-"""Class-conditional ImageNet 64x64 in pixel space with the EDM2 U-Net (sCM Table 4; digest §7).
+"""Class-conditional ImageNet 64x64 in pixel space with the EDM2 U-Net (sCM Table 4).
 
     python -m scm_jax.main --config=experiments/imagenet64.py:variant=m,stage=teacher \
         --workdir=gs://BUCKET/in64_m --config.data.data_dir=gs://BUCKET/tensorflow_datasets

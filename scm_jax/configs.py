@@ -1,148 +1,193 @@
-"""The shape of an experiment config, its argument parser and its validation.
+"""The shape of an experiment config, its one loader and its validation.
 
-Experiments (`experiments/<dataset>.py`) build their `get_config(arg)` from the sections here so
-every dataset shares one schema:
+An experiment (`experiments/<dataset>.py`) defines `get_config(arg)` returning
 
-    config.stage            teacher | scd | sct | dscd | eval | all
+    config.stage            a training stage's name | 'eval' | 'all' (config.pipeline in order)
+    config.pipeline         the stages 'all' runs
+    config.seed, .dry_run
     config.data / .model / .mesh / .eval
-    config.teacher          the diffusion teacher's training stage (nested in every student)
-    config.scd / .sct       continuous-time CM stages (Alg. 1), initialized from the teacher EMA
-    config.dscd             the discrete-time CM baseline (Alg. 2)
+    config.<stage>          one section per training stage; its `objective` names a class of
+                            `scm_jax.objectives`, which owns the section's schema and checks
+                            (`objectives.section('scm', tangent='teacher', ...)`)
 
-`validate(config)` runs before anything touches a workdir and raises ValueError naming the key,
-the bad value and what was expected.
+`load('experiments/digits.py:variant=tiny', ['scd.steps=10'])` is the one loader: the command
+line, the tests, the benchmarks and the notebook all use it. `validate(config)` runs every
+check, of every stage the run will reach, before anything touches a workdir, and raises
+ConfigError naming the key, the bad value and what was expected.
 """
+import ast
+import difflib
+import importlib.util
 import math
+import os
 
 import ml_collections
 
-STAGES = ("teacher", "scd", "sct", "dscd", "eval", "all")
-TRAIN_STAGES = ("teacher", "scd", "sct", "dscd")
-PIPELINE = ("teacher", "scd", "sct", "dscd", "eval")
+from scm_jax import data as data_lib
+from scm_jax import objectives
+from scm_jax.errors import ConfigError, MissingInputError
+from scm_jax.networks import validate_model_config
+from scm_jax.objectives.base import check
+
+EVAL = "eval"
+ALL = "all"
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+# --- Parsing values ----------------------------------------------------------------------------
+def parse_value(text: str, current, key: str):
+    """`text` as a value of the type of `current` (the entry's default): booleans accept
+    true/false/1/0/yes/no/on/off, sequences a Python literal or comma-separated items."""
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{key} is a section, not a value: set one of its entries "
+                          f"({', '.join(sorted(current.keys()))})")
+    if isinstance(current, bool):
+        low = text.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise ConfigError(f"config.{key} = {text!r} is invalid: expected a boolean (true/false)")
+    try:
+        if isinstance(current, int):
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if isinstance(current, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"config.{key} = {text!r} is invalid: expected "
+                          f"{'an integer' if isinstance(current, int) else 'a number'}") from None
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = tuple(_literal_or_str(item) for item in text.split(",") if item.strip())
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return _literal_or_str(text)
+
+
+def _literal_or_str(text: str):
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
 
 
 def parse_arg(arg: str | None, defaults: dict) -> ml_collections.ConfigDict:
-    """Parses 'key=value,key=value' (e.g. 'variant=tiny,stage=scd') against known keys."""
+    """Parses a config file's argument 'key=value,key=value' (e.g. 'variant=tiny,stage=scd')
+    against known keys, each value typed like its default."""
     out = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
         if "=" not in item:
-            raise ValueError(f"config argument {item!r} is not of the form key=value")
+            raise ConfigError(f"config argument {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r}; expected one of {sorted(defaults)}")
-        out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+            raise ConfigError(f"unknown config argument {key!r}; expected one of "
+                              f"{sorted(defaults)}")
+        out[key] = value if defaults[key] is None else parse_value(value, defaults[key], key)
     return ml_collections.ConfigDict(out)
 
 
-def optimizer_config(**overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(dict(
-        name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, schedule="constant", t_ref=1,
-        warmup_steps=0, grad_clip=0.0, force_finite=True))
-    _merge(cfg, overrides)
-    return cfg
+# --- Loading -----------------------------------------------------------------------------------
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of 'path/to/experiment.py[:arg]' (a path relative to the current
+    directory, as on the command line)."""
+    file, _, arg = spec.partition(":")
+    if not os.path.isfile(file):
+        raise MissingInputError(f"no config file {file!r} (from --config={spec}); expected a "
+                                f"path like experiments/digits.py")
+    module_spec = importlib.util.spec_from_file_location(
+        f"scm_experiment_{os.path.splitext(os.path.basename(file))[0]}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{file} defines no get_config(arg)")
+    return module.get_config(arg or None)
 
 
-def stage_config(kind: str, **overrides) -> ml_collections.ConfigDict:
-    """A training stage: objective, optimizer, EMA, length and logging cadence.
-
-    kind: 'diffusion' (teacher), 'scm' (sCT/sCD) or 'discrete' (dsCD).
-    """
-    cfg = ml_collections.ConfigDict(dict(
-        kind=kind,
-        steps=1000,
-        batch_size=128,
-        dropout=0.0,
-        label_dropout=0.0,          # teacher only: p(null label) for classifier-free guidance
-        tangent="data",             # scm: 'data' (sCT) or 'teacher' (sCD)
-        loss=ml_collections.ConfigDict(dict(
-            p_mean=-1.0, p_std=1.6,   # log-normal proposal of ln(sigma_d tan t) (Alg. 1)
-            tangent_c=0.1,            # c of g / (||g|| + c) (Sec. 4.2)
-            warmup_steps=10000,       # H of r = min(1, step / H) (Alg. 1)
-            tangent_norm="l2",        # l2 | rms | clip | none
-            prior_weighting="paper",  # paper: w(t) = 1/(sigma_d tan t) (the cos t in Eq. 8) | uniform
-            num_points=1024,          # discrete: N grid points (Alg. 2)
-        )),
-        guidance=ml_collections.ConfigDict(dict(scale_min=1.0, scale_max=1.0)),  # sCD teacher CFG
-        jvp_dtype="",               # compute dtype of the tangent pass; '' = model.dtype
-        optimizer=optimizer_config(),
-        ema=ml_collections.ConfigDict(dict(kind="power", value=0.05)),
-        log_every=50,
-        checkpoint_every=500,
-        keep_checkpoints=2,
-        sample_every=0,             # 0: a sample grid only at the end; -1: none
-        checkpoint_dir="",          # teacher: where sCD/sCT find it ('' = <workdir>/teacher)
-    ))
-    _merge(cfg, overrides)
-    return cfg
+def _lookup(config, key: str):
+    """(parent ConfigDict, leaf name) of the dotted `key`; ConfigError with a suggestion."""
+    *path, leaf = key.split(".")
+    node, where = config, "config"
+    for part in path + [leaf]:
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"unknown config key {key!r}: {where} is a value, not a section")
+        if part not in node:
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            hint = f"; did you mean {where}.{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}: {where} has no entry {part!r}{hint} "
+                              f"(its entries: {', '.join(sorted(node.keys()))})")
+        parent, node, where = node, node[part], f"{where}.{part}"
+    return parent, leaf
 
 
-def _merge(cfg: ml_collections.ConfigDict, overrides: dict) -> None:
-    """Recursive update: nested dicts update nested sections instead of replacing them."""
-    for key, value in overrides.items():
-        if key not in cfg:
-            raise ValueError(f"unknown stage config key {key!r}; expected one of {sorted(cfg)}")
-        if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(
-                cfg[key], ml_collections.ConfigDict):
-            _merge(cfg[key], dict(value))
-        else:
-            cfg[key] = value
+def override(config, item: str) -> None:
+    """Applies one 'a.b.c=value' override, the value typed like the entry it replaces."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise ConfigError(f"config override {item!r} is not of the form key=value")
+    parent, leaf = _lookup(config, key.strip())
+    with parent.unlocked():
+        parent[leaf] = parse_value(text, parent[leaf], key.strip())
 
 
-def _check(cond: bool, key: str, value, expected: str):
-    if not cond:
-        raise ValueError(f"config.{key} = {value!r} is invalid: expected {expected}")
+def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
+    """The config of 'experiments/<name>.py[:arg]' with 'key=value' overrides applied, locked
+    against new keys (a misspelled key is an error, not a new entry)."""
+    config = load_file(spec)
+    for item in overrides:
+        override(config, item)
+    config.lock()
+    return config
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every value the run depends on; raises ValueError naming the first bad one."""
-    _check(config.stage in STAGES, "stage", config.stage, f"one of {STAGES}")
-    _check(config.data.sigma_d > 0, "data.sigma_d", config.data.sigma_d, "> 0")
-    m = config.model
-    for key in ("channels", "num_blocks", "hidden_size", "depth"):   # whichever the backbone has
-        if key in m:
-            _check(m[key] > 0, f"model.{key}", m[key], "a positive integer")
-    _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0")
-    _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
-           "-1 (all devices) or a positive device count")
-    _check(config.mesh.get("fsdp", 1) >= 1, "mesh.fsdp", config.mesh.get("fsdp", 1),
-           "a positive device count")
-    pipeline = tuple(config.get("pipeline", PIPELINE))
-    _check(all(name in PIPELINE for name in pipeline), "pipeline", pipeline,
-           f"stages among {PIPELINE}")
-    for name in TRAIN_STAGES:
-        st = config[name]
-        kind = {"teacher": "diffusion", "dscd": "discrete"}.get(name, "scm")
-        _check(st.kind == kind, f"{name}.kind", st.kind, repr(kind))
-        _check(st.steps >= 0, f"{name}.steps", st.steps, ">= 0")
-        _check(st.batch_size > 0, f"{name}.batch_size", st.batch_size, "> 0")
-        _check(0.0 <= st.dropout < 1.0, f"{name}.dropout", st.dropout, "in [0, 1)")
-        _check(0.0 <= st.label_dropout < 1.0, f"{name}.label_dropout", st.label_dropout, "in [0, 1)")
-        _check(st.loss.p_std > 0, f"{name}.loss.p_std", st.loss.p_std, "> 0")
-        _check(math.isfinite(st.loss.p_mean), f"{name}.loss.p_mean", st.loss.p_mean, "finite")
-        _check(st.loss.tangent_c >= 0, f"{name}.loss.tangent_c", st.loss.tangent_c, ">= 0")
-        _check(st.loss.warmup_steps >= 0, f"{name}.loss.warmup_steps", st.loss.warmup_steps, ">= 0")
-        _check(st.loss.tangent_norm in ("l2", "rms", "clip", "none"), f"{name}.loss.tangent_norm",
-               st.loss.tangent_norm, "one of l2, rms, clip, none")
-        _check(st.loss.prior_weighting in ("paper", "uniform"), f"{name}.loss.prior_weighting",
-               st.loss.prior_weighting, "'paper' or 'uniform'")
-        _check(st.loss.num_points >= 2, f"{name}.loss.num_points", st.loss.num_points, ">= 2")
-        _check(st.tangent in ("data", "teacher"), f"{name}.tangent", st.tangent,
-               "'data' (sCT) or 'teacher' (sCD)")
-        g = st.guidance
-        _check(0.0 <= g.scale_min <= g.scale_max, f"{name}.guidance", (g.scale_min, g.scale_max),
-               "0 <= scale_min <= scale_max")
-        _check(st.jvp_dtype in ("", "float32", "bfloat16", "float16"), f"{name}.jvp_dtype",
-               st.jvp_dtype, "'', float32, bfloat16 or float16")
-        _check(st.log_every > 0 and st.checkpoint_every > 0, f"{name}.log_every/checkpoint_every",
-               (st.log_every, st.checkpoint_every), "positive step counts")
-        _check(st.keep_checkpoints >= 1, f"{name}.keep_checkpoints", st.keep_checkpoints, ">= 1")
-    _check(config.scd.tangent == "teacher", "scd.tangent", config.scd.tangent, "'teacher'")
-    _check(config.sct.tangent == "data", "sct.tangent", config.sct.tangent, "'data'")
-    guided = config.scd.guidance.scale_max != 1.0 or config.scd.guidance.scale_min != 1.0
-    if guided:
-        _check(m.num_classes > 0 and config.teacher.label_dropout > 0, "scd.guidance",
-               (config.scd.guidance.scale_min, config.scd.guidance.scale_max),
-               "1.0 unless the teacher is class-conditional and trained with label_dropout > 0")
-    if config.scd.guidance.scale_min != config.scd.guidance.scale_max:
-        _check(m.guidance_input, "model.guidance_input", m.guidance_input,
-               "True when scd samples a range of guidance scales")
+# --- Structure ---------------------------------------------------------------------------------
+def training_stages(config) -> tuple:
+    """Names of the config's training stages: the sections with an `objective` key."""
+    return tuple(name for name, value in config.items()
+                 if isinstance(value, ml_collections.ConfigDict) and "objective" in value)
+
+
+def pipeline(config) -> tuple:
+    """The stages config.stage runs, in order ('all': config.pipeline)."""
+    return tuple(config.pipeline) if config.stage == ALL else (config.stage,)
+
+
+# --- Validation --------------------------------------------------------------------------------
+def validate(config) -> None:
+    """Checks every value the run depends on; raises ConfigError naming the first bad one."""
+    stages = training_stages(config)
+    check(config.stage in stages + (EVAL, ALL), "stage", config.stage,
+          f"one of {stages + (EVAL, ALL)}")
+    check(all(name in stages + (EVAL,) for name in config.pipeline), "pipeline",
+          tuple(config.pipeline), f"stages among {stages + (EVAL,)}")
+    if config.data.name not in data_lib.DATASETS:
+        raise ConfigError(f"config.data.name = {config.data.name!r} is invalid: expected one "
+                          f"of {data_lib.DATASETS}")
+    check(config.data.sigma_d > 0, "data.sigma_d", config.data.sigma_d, "> 0")
+    validate_model_config(config.model)
+    check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
+          "-1 (all devices) or a positive device count")
+    check(config.mesh.get("fsdp", 1) >= 1, "mesh.fsdp", config.mesh.get("fsdp", 1),
+          "a positive device count")
+    # Every stage, not only those this run reaches: a pipeline fails at start-up, not after
+    # its first stage trained for an hour.
+    for name in stages:
+        objectives.get(config[name].objective).validate_section(config, name)
+    if "eval" in config:
+        _validate_eval(config.eval)
+
+
+def _validate_eval(ev) -> None:
+    from scm_jax import sampling
+
+    check(ev.num_samples > 3, "eval.num_samples", ev.num_samples, "> 3 (k-NN with k = 3)")
+    check(ev.batch_size > 0, "eval.batch_size", ev.batch_size, "> 0")
+    check(all(int(s) >= 1 for s in ev.teacher_steps), "eval.teacher_steps",
+          tuple(ev.teacher_steps), "solver step counts >= 1")
+    check(ev.teacher_solver in sampling.SOLVERS, "eval.teacher_solver", ev.teacher_solver,
+          f"one of {sampling.SOLVERS}")
+    check(0.0 < ev.t_mid < math.pi / 2, "eval.t_mid", ev.t_mid, "in (0, pi/2)")
+    check(ev.guidance_scale >= 0, "eval.guidance_scale", ev.guidance_scale, ">= 0")

@@ -1,21 +1,50 @@
-"""Exponential moving averages of the parameters used for evaluation and for initializing CMs.
+"""Exponential moving averages of the parameters, used for evaluation and to initialize CMs.
 
 Two profiles (sCM App. G.2):
 - 'power': EDM2's power-function EMA with relative std sigma_rel; beta_t = (1 - 1/t)^(gamma + 1)
   where gamma solves sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)) (EDM2 Eq. 3).
-- 'halflife': a classic EMA whose half-life is given in training images (CIFAR: 0.5 Mimg).
+- 'halflife': a classic EMA whose half-life is given in training images (CIFAR-10: 0.5 Mimg).
+
+This module owns the `ema` section of every stage config (`default_config`, `validate`).
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from scm_jax.errors import ConfigError
+
 EMA_KINDS = ("power", "halflife")
+MAX_SIGMA_REL = 0.28   # the power EMA's sigma_rel is below 0.2887 for any gamma > -1
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+    """The `<stage>.ema` section: kind 'power' (value = sigma_rel) or 'halflife' (value = images)."""
+    cfg = ml_collections.ConfigDict(dict(kind="power", value=0.05))
+    unknown = sorted(set(overrides) - set(cfg.keys()))
+    if unknown:
+        raise ConfigError(f"unknown ema keys {unknown}; expected some of {sorted(cfg.keys())}")
+    cfg.update(overrides)
+    return cfg
+
+
+def validate(cfg, where: str) -> None:
+    """Raises ConfigError naming `<where>.kind` / `<where>.value` when they are invalid."""
+    if cfg.kind not in EMA_KINDS:
+        raise ConfigError(f"config.{where}.kind = {cfg.kind!r} is invalid: expected one of "
+                          f"{EMA_KINDS}")
+    if cfg.kind == "power" and not 0.0 < cfg.value < MAX_SIGMA_REL:
+        raise ConfigError(f"config.{where}.value = {cfg.value!r} is invalid: a power EMA's "
+                          f"sigma_rel must be in (0, {MAX_SIGMA_REL})")
+    if cfg.kind == "halflife" and not cfg.value > 0:
+        raise ConfigError(f"config.{where}.value = {cfg.value!r} is invalid: an EMA half-life "
+                          f"is a number of training images > 0")
 
 
 def power_ema_exponent(sigma_rel: float) -> float:
     """gamma of EDM2's power EMA: the real root of gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + 12 - s^-2."""
-    if not 0.0 < sigma_rel < 0.28:
-        raise ValueError(f"power EMA sigma_rel must be in (0, 0.28), got {sigma_rel}")
+    if not 0.0 < sigma_rel < MAX_SIGMA_REL:
+        raise ConfigError(f"power EMA sigma_rel must be in (0, {MAX_SIGMA_REL}), got {sigma_rel}")
     inv = sigma_rel ** -2
     roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())
@@ -29,9 +58,9 @@ def ema_decay(kind: str, value: float, step, batch_size: int):
         return (1.0 - 1.0 / t) ** (gamma + 1.0)
     if kind == "halflife":
         if value <= 0:
-            raise ValueError(f"EMA half-life must be > 0 images, got {value}")
+            raise ConfigError(f"EMA half-life must be > 0 images, got {value}")
         return jnp.float32(0.5 ** (batch_size / value))
-    raise ValueError(f"unknown ema.kind {kind!r}; expected one of {EMA_KINDS}")
+    raise ConfigError(f"unknown ema.kind {kind!r}; expected one of {EMA_KINDS}")
 
 
 def update_ema(ema, params, beta):

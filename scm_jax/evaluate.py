@@ -1,152 +1,119 @@
 """The evaluation stage: sample every trained model, score it, write the table.
 
-For the digits experiment: the teacher at each NFE of `config.eval.teacher_steps` (2N - 1
-evaluations for N solver steps), each CM (sCD, sCT, dsCD) at 1 and 2 steps (t_mid =
-config.eval.t_mid), and the held-out real split as the floor. Each model's samples are saved as
-`<workdir>/samples/<model>_<nfe>.npz` (key `images`, [N, 8, 8, 1] in [-1, 1], the scale the models
-are trained on; key `labels`, [N]). Scores: Frechet distance in the features of the package's
-digits classifier, that classifier's accuracy on the class-conditional samples, and k-NN (k=3)
-precision/recall. Results go to `<workdir>/results.json` and are printed as a table.
+For the digits experiment: every training stage of `config.pipeline` that has a checkpoint,
+sampled as its objective says (`objective.sampler`): a diffusion model at each solver length of
+`config.eval.teacher_steps` (2N - 1 evaluations for N steps), a consistency model at 1 and 2
+steps (t_mid = config.eval.t_mid); and the held-out real split as the floor. Each model's
+samples are saved as `<workdir>/samples/<stage>_<nfe>.npz` (key `images`, [N, 8, 8, 1] in
+[-1, 1], the scale the models are trained on; key `labels`, [N]). Scores: Frechet distance in
+the features of the package's digits classifier, that classifier's accuracy on the
+class-conditional samples, and k-NN (k=3) precision/recall. Results go to
+`<workdir>/results.json` and are printed as a table (primary process only).
 """
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax import sampling
-from scm_jax import train
-from scm_jax import train_step as ts
-from scm_jax.checkpoint import write_json_atomic
-from scm_jax.data import load_digits_splits
+from scm_jax import checkpoint as ckpt
+from scm_jax import configs, files, objectives, sampling
+from scm_jax.data import data_shape, load_digits_splits
+from scm_jax.errors import ConfigError, MissingInputError
 from scm_jax.evaluation import DigitsEvaluator, classifier_predict, load_or_train_classifier
 
-CM_STAGES = ("scd", "sct", "dscd")
 
-
-def _sampler(config, stage: ts.Stage, params, *, steps: int | None, times=None):
-    """A jitted (key, labels) -> images for one model and one NFE setting."""
-    sigma_d = float(config.data.sigma_d)
-    scale = float(config.eval.guidance_scale)
-    null = config.model.num_classes
-
-    def F_fn_for(labels):
-        n = labels.shape[0]
-        base = {}
-        if config.model.guidance_input:
-            base["guidance"] = jnp.full((n,), scale, jnp.float32)
-
-        def with_labels(x, t, y):
-            return stage.net_eval(params, x, t, dict(base, y=y) if null else base)
-
-        if null and scale != 1.0 and not config.model.guidance_input:
-            return sampling.guided_fn(with_labels, labels, null, scale)
-        return lambda x, t: with_labels(x, t, labels if null else None)
-
-    shape = train.image_shape(config)
-
-    @jax.jit
-    def sample(key, labels):
-        F_fn = F_fn_for(labels)
-        full = (labels.shape[0],) + tuple(shape)
-        if times is not None:
-            return sampling.cm_sample(F_fn, key, full, sigma_d, times)
-        return sampling.teacher_sample(F_fn, key, full, sigma_d, num_steps=steps,
-                                       solver=config.eval.teacher_solver)
-
-    return sample
-
-
-def _generate(sample, config, labels, key):
+def _generate(draw, params, batch_size: int, labels: np.ndarray, key) -> np.ndarray:
+    """Samples for `labels` in batches of `batch_size` (the last one padded), in [-1, 1]."""
     out = []
-    bs = config.eval.batch_size
-    for i, start in enumerate(range(0, len(labels), bs)):
-        chunk = labels[start:start + bs]
-        pad = bs - len(chunk)
+    for i, start in enumerate(range(0, len(labels), batch_size)):
+        chunk = labels[start:start + batch_size]
+        pad = batch_size - len(chunk)
         padded = np.concatenate([chunk, np.zeros(pad, chunk.dtype)]) if pad else chunk
-        images = sample(jax.random.fold_in(key, i), jnp.asarray(padded))
+        images = draw(params, jax.random.fold_in(key, i), jnp.asarray(padded))
         out.append(np.asarray(images)[:len(chunk)])
     return np.clip(np.concatenate(out), -1.0, 1.0)
 
 
-def evaluate_all(config, workdir: str, *, log=print) -> dict:
+def methods(objective, ev) -> list:
+    """[(NFE, sampling.Method)] this stage is scored at."""
+    if objective.sampler == "ode":
+        return [(sampling.nfe(s), sampling.ode(s, ev.teacher_solver)) for s in ev.teacher_steps]
+    return [(1, sampling.one_step(objective.sigma_d)),
+            (2, sampling.two_step(objective.sigma_d, ev.t_mid))]
+
+
+def evaluate_all(config, workdir, *, log=print) -> dict:
     """Evaluates every model with a checkpoint in `workdir`; returns the results dict."""
     if config.data.name != "digits":
-        raise ValueError(f"the evaluation stage supports data.name='digits', got {config.data.name!r}")
-    log("=== stage eval ===")
-    eval_dir = os.path.join(workdir, "eval")
-    sample_dir = os.path.join(workdir, "samples")
-    os.makedirs(eval_dir, exist_ok=True)
-    os.makedirs(sample_dir, exist_ok=True)
+        raise ConfigError(f"stage=eval evaluates the digits experiment only; FID / FD-DINOv2 "
+                          f"for data.name={config.data.name!r} is not built yet")
+    primary = files.is_primary()
+    say = log if primary else (lambda msg: None)
+    ev = config.eval
+    stages = [s for s in config.pipeline if s in configs.training_stages(config)]
+    found = {s: ckpt.has_checkpoint(ckpt.stage_dir(config, s, workdir)) for s in stages}
+    if not any(found.values()):
+        raise MissingInputError(f"nothing to evaluate: no stage of {tuple(stages)} has a "
+                                f"checkpoint under {workdir}; train one first (e.g. stage=all)")
+    say("=== stage eval ===")
+    eval_dir, sample_dir = files.join(workdir, "eval"), files.join(workdir, "samples")
 
     splits = load_digits_splits(config.data.holdout)
     start = time.time()
-    clf = load_or_train_classifier(os.path.join(eval_dir, "digits_classifier.msgpack"),
+    clf = load_or_train_classifier(eval_dir / "digits_classifier.msgpack",
                                    splits["train_images"], splits["train_labels"], seed=0,
-                                   **({"steps": config.eval.classifier_steps}
-                                      if config.eval.classifier_steps else {}))
+                                   save=primary,
+                                   **({"steps": ev.classifier_steps} if ev.classifier_steps
+                                      else {}))
     clf_acc = float(np.mean(classifier_predict(clf, splits["holdout_images"])
                             == splits["holdout_labels"]))
-    log(f"[eval] digits classifier: held-out accuracy {clf_acc:.4f} ({time.time() - start:.0f}s)")
+    say(f"[eval] digits classifier: held-out accuracy {clf_acc:.4f} ({time.time() - start:.0f}s)")
     evaluator = DigitsEvaluator(splits["train_images"], splits["train_labels"], clf)
 
-    n = config.eval.num_samples
+    n = ev.num_samples
+    conditional = config.model.num_classes > 0
     labels = (np.arange(n) % max(config.model.num_classes, 1)).astype(np.int32)
-    key = jax.random.PRNGKey(config.eval.seed)
+    key = jax.random.PRNGKey(ev.seed)
     # The Frechet distance is biased upward at small N, so every model is also scored on its first
     # `holdout` samples: that column is comparable with the real-data floor (held-out vs train).
     n_small = len(splits["holdout_images"])
     floor = evaluator.evaluate(splits["holdout_images"], splits["holdout_labels"])
     rows = [dict(model="data (held-out)", nfe=0, fd_small=floor["fd"], **floor)]
 
-    def run(model: str, nfe: int, sample):
-        t0 = time.time()
-        images = _generate(sample, config, labels, jax.random.fold_in(key, len(rows)))
-        path = os.path.join(sample_dir, f"{model}_{nfe}.npz")
-        np.savez(path + ".tmp.npz", images=images.astype(np.float32),
-                 **({"labels": labels} if config.model.num_classes else {}))
-        os.replace(path + ".tmp.npz", path)
-        conditional = config.model.num_classes > 0
-        scores = evaluator.evaluate(images, labels if conditional else None)
-        small = evaluator.evaluate(images[:n_small], labels[:n_small] if conditional else None)
-        rows.append(dict(model=model, nfe=nfe, fd_small=small["fd"], **scores))
-        log(f"[eval] {model:8s} NFE {nfe:3d}: FD {scores['fd']:.3f} "
-            f"({time.time() - t0:.0f}s)")
-
-    def ema_or_none(name):
-        try:
-            return train.restore_stage_ema(config, name, workdir)[0]
-        except FileNotFoundError as err:
-            log(f"[eval] skipping {name}: {err}")
-            return None
-
-    params = ema_or_none("teacher")
-    if params is not None:
-        stage = ts.build_stage(config, "teacher")
-        for steps in config.eval.teacher_steps:
-            run("teacher", sampling.nfe(steps), _sampler(config, stage, params, steps=steps))
-    sigma_d = float(config.data.sigma_d)
-    for name in CM_STAGES:
-        params = ema_or_none(name)
-        if params is None:
+    for name in stages:
+        if not found[name]:
+            say(f"[eval] skipping {name}: no checkpoint in {ckpt.stage_dir(config, name, workdir)}")
             continue
-        stage = ts.build_stage(config, name)
-        run(name, 1, _sampler(config, stage, params, steps=None,
-                              times=sampling.one_step_times(sigma_d)))
-        run(name, 2, _sampler(config, stage, params, steps=None,
-                              times=sampling.two_step_times(sigma_d, config.eval.t_mid)))
+        objective = objectives.build(config, name)
+        params, _ = ckpt.restore_stage_ema(config, name, workdir)
+        model = objective.model_cfg
+        for nfe, method in methods(objective, ev):
+            t0 = time.time()
+            draw = sampling.sampler(objective.net_eval, data_shape(config.data),
+                                    objective.sigma_d, method, num_classes=model.num_classes,
+                                    guidance_input=model.guidance_input,
+                                    scale=float(ev.guidance_scale))
+            images = _generate(draw, params, ev.batch_size, labels,
+                               jax.random.fold_in(key, len(rows)))
+            if primary:
+                files.save_npz(sample_dir / f"{name}_{nfe}.npz", images=images.astype(np.float32),
+                               **({"labels": labels} if conditional else {}))
+            scores = evaluator.evaluate(images, labels if conditional else None)
+            small = evaluator.evaluate(images[:n_small], labels[:n_small] if conditional else None)
+            rows.append(dict(model=name, nfe=nfe, fd_small=small["fd"], **scores))
+            say(f"[eval] {name:8s} NFE {nfe:3d}: FD {scores['fd']:.3f} ({time.time() - t0:.0f}s)")
 
     results = dict(classifier_holdout_accuracy=clf_acc, num_samples=n, small_n=n_small,
-                   guidance_scale=config.eval.guidance_scale, rows=rows)
-    teacher_rows = [r for r in rows if r["model"] == "teacher"]
-    if teacher_rows:
-        best = max(teacher_rows, key=lambda r: r["nfe"])
+                   guidance_scale=ev.guidance_scale, rows=rows)
+    diffusion_rows = [r for r in rows[1:] if config[r["model"]].objective == "diffusion"]
+    if diffusion_rows:
+        best = max(diffusion_rows, key=lambda r: r["nfe"])
         for r in rows[1:]:
             r["fd_vs_teacher"] = r["fd"] / best["fd"] if best["fd"] > 0 else None
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
-    log(format_table(results))
+    if primary:
+        files.write_json(files.join(workdir, "results.json"), results)
+    say(format_table(results))
     return results
 
 

@@ -1,60 +1,76 @@
-"""Entry point: python -m scm_jax.main --config=experiments/<name>.py[:args] --workdir=DIR
+"""Entry point: python -m scm_jax.main --config=experiments/<name>.py[:arg] --workdir=DIR
+                                      [--config.<key>=<value> ...] [--distributed ...]
 
-Runs config.stage: one of teacher | scd | sct | dscd | eval, or 'all' (the whole pipeline in
-order, each stage in <workdir>/<stage>, skipping work already done). Re-running the same command
-resumes from the last checkpoints. On a multi-host pod, pass --distributed on every worker.
+Runs config.stage: a training stage (teacher | scd | sct | dscd | ...), eval, or 'all'
+(config.pipeline in order, each stage in <workdir>/<stage>, skipping work already done).
+Re-running the same command resumes from the last checkpoints.
+
+Multi-process runs start one process per host (or per group of devices) with --distributed:
+on TPU VMs and SLURM clusters `jax.distributed.initialize()` finds its peers by itself; anywhere
+else pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+
+A known failure (a bad config key or value, a missing teacher or dataset, a mismatched
+checkpoint) prints one line, `error: ...`, and exits with status 2.
 """
 import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and results.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+flags.DEFINE_string("config", None, "Experiment config: experiments/<name>.py[:arg]. Entries are "
+                    "overridden with --config.<key>=<value>.")
+flags.DEFINE_string("workdir", None, "Directory (or gs:// bucket path) for checkpoints, "
+                    "metrics, samples and results.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs).")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of process 0 "
+                    "(auto-detected on TPU VMs and SLURM).")
+flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+EXIT_USER_ERROR = 2
+
+_OVERRIDES = []   # the --config.<key>=<value> arguments, applied by configs.load
 
 
-def run(config, workdir: str, *, log=print) -> None:
+def run(config, workdir, *, log=print) -> None:
     """Dispatches config.stage. Importable so tests and notebooks can call it directly."""
-    from scm_jax import configs, train
+    from scm_jax import configs, files, train
 
     configs.validate(config)
     if config.dry_run:
         dry_run(config, log=log)
         return
-    stages = tuple(config.get("pipeline", configs.PIPELINE)) if config.stage == "all" else (
-        config.stage,)
-    for name in stages:
-        if name == "eval":
+    for name in configs.pipeline(config):
+        if name == configs.EVAL:
             from scm_jax import evaluate
-
-            if config.data.name != "digits":
-                raise ValueError(f"stage=eval evaluates the digits experiment only; FID / "
-                                 f"FD-DINOv2 for data.name={config.data.name!r} is not built yet")
 
             evaluate.evaluate_all(config, workdir, log=log)
         else:
-            log(f"=== stage {name} ===")
+            if files.is_primary():
+                log(f"=== stage {name} ===")
             train.train_stage(config, name, workdir, log=log)
 
 
 def dry_run(config, *, log=print) -> int:
-    """Prints the resolved config and the backbone's parameter count (jax.eval_shape: nothing
-    is allocated, so it works for the largest presets on a laptop). Returns the count."""
-    import jax
+    """Prints the resolved config, the backbone's parameter table and its count (from
+    jax.eval_shape: nothing is allocated, so it works for the largest presets on a laptop).
+    The stage shown is config.stage, or the pipeline's first training stage. Returns the count."""
+    from clu import parameter_overview
 
-    from scm_jax import train
-    from scm_jax import train_step as ts
+    from scm_jax import configs, objectives
+    from scm_jax.data import data_shape
 
-    stage = ts.build_stage(config, "scd" if config.model.get("guidance_input") else "teacher")
-    abstract = train.abstract_train_state(stage, train.image_shape(config))
-    count = sum(x.size for x in jax.tree.leaves(abstract.params["net"]))
+    stages = configs.training_stages(config)
+    name = config.stage if config.stage in stages else next(
+        s for s in config.pipeline if s in stages)
+    objective = objectives.build(config, name)
+    abstract, _ = objective.abstract_state(data_shape(config.data))
+    net = abstract.nets["net"].params
+    count = int(parameter_overview.count_parameters(net))
     log(config)
-    line = f"backbone parameters: {count:,} ({count / 1e6:.1f}M)"
+    log(parameter_overview.get_parameter_overview(net, include_stats=False, max_lines=60))
+    line = f"backbone parameters (stage {name}): {count:,} ({count / 1e6:.1f}M)"
     paper = config.get("paper_params_m", 0.0)
     if paper:
         line += (f"; the paper's table: {paper}M ({100 * (count / 1e6 / paper - 1):+.1f}%: the "
@@ -64,27 +80,66 @@ def dry_run(config, *, log=print) -> int:
 
 
 def parse_flags(argv):
-    """absl flag parsing, with a one-line error for a --config.<key> the config does not define."""
+    """absl flags, with every --config.<key>[=<value>] set aside for configs.load (a key alone
+    means true). Unknown keys and bad values are reported by the loader, one line each."""
+    rest = []
+    for arg in argv:
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config."):].partition("=")
+            _OVERRIDES.append(f"{key}={value if sep else 'true'}")
+        else:
+            rest.append(arg)
     try:
-        return FLAGS(argv)
-    except (AttributeError, KeyError) as err:
-        name = str(err).strip("\"'")
-        culprits = [a for a in argv if a.startswith("--config.") and name in a.split("=")[0]]
-        sys.exit(f"FATAL: unknown config key {name!r} in {' '.join(culprits) or argv}: "
-                 f"the config file defines no such entry (print them with --config.dry_run=True)")
+        return FLAGS(rest)
     except flags.Error as err:
-        sys.exit(f"FATAL flags parsing error: {err}\nPass --helpshort or --helpfull to see help on flags.")
+        sys.exit(f"error: {err}\nPass --helpshort or --helpfull to see help on flags.")
+
+
+def skip_absent_tpu() -> None:
+    """On a machine with neither a TPU nor a GPU, use the CPU without probing for a TPU.
+
+    libtpu (installed by the [test] and [tpu] extras) prints initialization errors ("unexpected
+    worker hostname", ...) when JAX probes for a TPU on a host that has none. The check reads
+    the PCI bus (Google's vendor id is 0x1ae0) and the NVIDIA / ROCm device files; an explicit
+    JAX_PLATFORMS always wins.
+    """
+    import glob
+
+    if os.environ.get("JAX_PLATFORMS"):
+        return
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if open(vendor).read().strip() == "0x1ae0":
+                return
+        except OSError:
+            continue
+    if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"):
+        return
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
-    if FLAGS.distributed:
-        import jax
+    from scm_jax import configs
+    from scm_jax.errors import UserError
 
-        jax.distributed.initialize()
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    run(FLAGS.config, FLAGS.workdir, log=lambda msg: print(msg, flush=True))
+    skip_absent_tpu()
+    try:
+        if FLAGS.distributed:
+            import jax
+
+            kwargs = {k: getattr(FLAGS, k) for k in ("coordinator_address", "num_processes",
+                                                     "process_id")
+                      if getattr(FLAGS, k) is not None}
+            jax.distributed.initialize(**kwargs)
+        config = configs.load(FLAGS.config, _OVERRIDES)
+        run(config, FLAGS.workdir, log=lambda msg: print(msg, flush=True))
+    except UserError as err:
+        print("error: " + " ".join(str(err).splitlines()), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

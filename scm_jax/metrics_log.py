@@ -1,32 +1,56 @@
-"""Metrics and progress output: workdir/metrics.jsonl, TensorBoard (tensorboardX), a progress
-line with throughput and ETA, and PNG sample grids.
+"""Metrics and progress output: <stage>/metrics.jsonl, TensorBoard (tensorboardX), a progress
+line with throughput and ETA, and PNG sample grids. Only the primary process writes or prints.
 
-clu.metric_writers needs TensorFlow, which the core install does not carry (DESIGN.md §3), so
-scalars go through tensorboardX.
+metrics.jsonl holds one strict-JSON object per logged step ({"step": 100, "loss": 0.12, ...});
+a non-finite value is written as null. A resumed run first drops the rows of steps after the
+checkpoint it resumed from (they are trained again), so every step appears once. Local files
+are appended to; on a bucket, where objects cannot be appended, the file is rewritten.
+
+clu.metric_writers needs TensorFlow, which the core install does not carry, so scalars go
+through tensorboardX (which writes to gs:// through google-cloud-storage).
 """
 import json
-import os
+import math
 import time
 
 import numpy as np
-from PIL import Image
+
+from scm_jax import files
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _json_value(value: float):
+    return value if math.isfinite(value) else None
 
 
 class MetricLogger:
-    """Appends one JSON line per logged step and mirrors the scalars to TensorBoard."""
+    """Writes one JSON line per logged step and mirrors the scalars to TensorBoard.
 
-    def __init__(self, directory: str, *, name: str, total_steps: int, log=print):
+    resume_step: the step the run restarts from (None for a fresh start); rows after it, left
+    by an interrupted run, are dropped first.
+    """
+
+    def __init__(self, directory, *, name: str, total_steps: int, log=print,
+                 resume_step: int | None = None):
         self.name, self.total, self.log = name, total_steps, log
-        self.path = os.path.join(directory, "metrics.jsonl")
-        self._tb = None
-        self._tb_dir = os.path.join(directory, "tensorboard")
+        self.primary = files.is_primary()
+        self.path = files.join(directory, METRICS_FILE)
+        self._tb, self._tb_dir = None, files.join(directory, "tensorboard")
         self._last = None   # (time, step) of the previous log line
+        self._rows = []
+        if self.primary and self.path.exists():
+            keep = resume_step or 0
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            self._rows = [line for line in lines if _step_of(line) <= keep]
+            if len(self._rows) != len(lines):
+                files.write_text(self.path, "".join(row + "\n" for row in self._rows))
 
     def _writer(self):
         if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(self._tb_dir)
+            self._tb = SummaryWriter(str(self._tb_dir))
         return self._tb
 
     def write(self, step: int, metrics: dict, *, images: int | None = None) -> None:
@@ -37,8 +61,16 @@ class MetricLogger:
             rate = (step - self._last[1]) / max(now - self._last[0], 1e-9)
             scalars["steps_per_sec"] = rate
         self._last = (now, step)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(dict(step=step, **scalars)) + "\n")
+        if not self.primary:
+            return
+        row = json.dumps(dict(step=step, **{k: _json_value(v) for k, v in scalars.items()}),
+                         allow_nan=False)
+        self._rows.append(row)
+        if files.is_local(self.path):
+            with self.path.open("a") as f:
+                f.write(row + "\n")
+        else:
+            files.write_text(self.path, "".join(r + "\n" for r in self._rows))
         writer = self._writer()
         for key, value in scalars.items():
             writer.add_scalar(f"{self.name}/{key}", value, step)
@@ -53,9 +85,16 @@ class MetricLogger:
             self._tb.close()
 
 
-def save_image_grid(images: np.ndarray, path: str, *, rows: int, low=-1.0, high=1.0,
-                    scale: int = 4) -> None:
-    """images: [N, H, W, C] in [low, high] -> a PNG grid with `rows` rows, upscaled `scale`x."""
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
+
+
+def image_grid(images: np.ndarray, *, rows: int, low=-1.0, high=1.0, scale: int = 4) -> np.ndarray:
+    """images: [N, H, W, C] in [low, high] -> uint8 pixels of a grid with `rows` rows,
+    one background pixel between images, upscaled `scale`x ([H', W'] for C = 1, else [H', W', C])."""
     n, h, w, c = images.shape
     cols = -(-n // rows)
     grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), low, np.float32)
@@ -64,5 +103,9 @@ def save_image_grid(images: np.ndarray, path: str, *, rows: int, low=-1.0, high=
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = img
     pixels = np.clip((grid - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     pixels = pixels.repeat(scale, 0).repeat(scale, 1)
-    Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    return pixels[..., 0] if c == 1 else pixels
+
+
+def save_image_grid(images: np.ndarray, path, *, rows: int, **kw) -> None:
+    """`image_grid` written as a PNG (atomically, through the path layer)."""
+    files.save_png(path, image_grid(np.asarray(images), rows=rows, **kw))

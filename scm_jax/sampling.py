@@ -1,12 +1,22 @@
-"""Samplers: multistep consistency sampling and the TrigFlow teacher ODE solvers (sCM Sec. 5.2, App. B.1, G).
+"""Sampling: one entry point (`sample`, and `sampler` for a network) over multistep consistency
+sampling and the TrigFlow teacher ODE solvers (sCM Sec. 5.2, App. B.1, G), with guidance.
+
+    method = two_step(sigma_d)            # or one_step, consistency(times), ode(steps, solver)
+    draw = sampler(objective.net_eval, image_shape, sigma_d, method, num_classes=10)
+    images = draw(params, key, labels)    # jitted; [N, H, W, C]
+
+The progress grids of training, the evaluation and the sampling command all go through it.
 
 Model convention: `F_fn(x_scaled, t) -> F`, with x_scaled = x_t / sigma_d of shape [B, H, W, C] and
-t of shape [B] (radians); F has the shape of x. Callers close over params, class labels and guidance.
+t of shape [B] (radians); F has the shape of x. `conditioned` closes a network over its params,
+class labels and guidance (the student's guidance input, or classifier-free guidance of a
+conditional diffusion model).
 
 TrigFlow (sCM Sec. 3): x_t = cos(t) x0 + sin(t) z with z ~ N(0, sigma_d^2 I), PF-ODE
 dx/dt = sigma_d F(x_t / sigma_d, t) (Eq. 3), and denoiser / consistency function
 f(x_t, t) = cos(t) x_t - sin(t) sigma_d F (Eq. 5 / 23).
 """
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -14,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax import trigflow
+from scm_jax import guidance, trigflow
 
 FFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -201,39 +211,96 @@ def teacher_sample(F_fn: FFn, key: jax.Array, shape, sigma_d: float, *, num_step
 
 
 # ----------------------------------------------------------------------------------------------
-# Classifier-free guidance (Ho & Salimans 2022; sCM Sec. 7 guides the sCD teacher on IN512).
+# The entry point.
+
+METHOD_KINDS = ("consistency", "ode")
 
 
-def classifier_free_guidance(F_cond: jax.Array, F_uncond: jax.Array, scale) -> jax.Array:
-    """F_uncond + scale (F_cond - F_uncond); scale 1 is conditional, 0 unconditional.
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How to sample: a consistency model over `times`, or an ODE solver for a diffusion model."""
 
-    F_cond, F_uncond: [B, ...]; scale: scalar or per-sample [B] (broadcast over trailing axes).
+    kind: str                  # 'consistency' | 'ode'
+    times: tuple = ()          # consistency: strictly decreasing times in (0, pi/2)
+    steps: int = 0             # ode: solver steps (NFE 2N - 1)
+    solver: str = "dpm2s"      # ode: 'dpm2s' | 'heun'
+
+    def __post_init__(self):
+        if self.kind not in METHOD_KINDS:
+            raise ValueError(f"unknown sampling method {self.kind!r}; expected one of {METHOD_KINDS}")
+        if self.kind == "consistency":
+            object.__setattr__(self, "times", _check_times(self.times))
+        else:
+            if self.steps < 1:
+                raise ValueError(f"an ODE sampler needs steps >= 1, got {self.steps}")
+            if self.solver not in SOLVERS:
+                raise ValueError(f"unknown solver {self.solver!r}; options are {SOLVERS}")
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample (CFG's doubled batch counts once)."""
+        return len(self.times) if self.kind == "consistency" else nfe(self.steps)
+
+
+def consistency(times: Sequence[float]) -> Method:
+    """Multistep consistency sampling over `times` (len(times) evaluations)."""
+    return Method("consistency", times=tuple(times))
+
+
+def one_step(sigma_d: float) -> Method:
+    return consistency(one_step_times(sigma_d))
+
+
+def two_step(sigma_d: float, t_mid: float = T_MID) -> Method:
+    return consistency(two_step_times(sigma_d, t_mid))
+
+
+def ode(steps: int, solver: str = "dpm2s") -> Method:
+    """A teacher ODE solver on EDM's grid with `steps` steps (2 steps - 1 evaluations)."""
+    return Method("ode", steps=int(steps), solver=solver)
+
+
+def sample(F_fn: FFn, key: jax.Array, shape, sigma_d: float, method: Method,
+           dtype=jnp.float32) -> jax.Array:
+    """Samples [*shape] from the model F_fn by `method` (see `cm_sample`, `teacher_sample`)."""
+    if method.kind == "consistency":
+        return cm_sample(F_fn, key, shape, sigma_d, method.times, dtype=dtype)
+    return teacher_sample(F_fn, key, shape, sigma_d, num_steps=method.steps,
+                          solver=method.solver, dtype=dtype)
+
+
+def conditioned(net_fn: Callable, params, labels=None, *, num_classes: int = 0,
+                guidance_input: bool = False, scale=1.0) -> FFn:
+    """F_fn(x_scaled, t) of `net_fn(params, x, t, cond)` for `labels` [B] at guidance `scale`.
+
+    A guided student (guidance_input) takes the scale as its input (sCM Sec. 7); a conditional
+    model without that input is classifier-free guided, its conditional and unconditional
+    passes batched together (`guidance.guided`); scale 1.0 is the plain conditional model.
+    An unconditional model (num_classes = 0) ignores labels.
     """
-    scale = jnp.asarray(scale)
-    scale = scale.reshape(scale.shape + (1,) * (F_cond.ndim - scale.ndim)).astype(F_cond.dtype)
-    # Same value as F_uncond + scale (F_cond - F_uncond), but written as a lerp so that scale = 1
-    # (and 0) returns the conditional (unconditional) output bit-exactly in floating point.
-    return scale * F_cond + (1 - scale) * F_uncond
+    def with_labels(x, t, y):
+        cond = {"y": y} if num_classes else {}
+        if guidance_input:
+            cond["guidance"] = jnp.full((x.shape[0],), scale, jnp.float32)
+        return net_fn(params, x, t, cond)
+
+    if num_classes and not guidance_input:
+        return guidance.guided(with_labels, labels, num_classes, scale)
+    return lambda x, t: with_labels(x, t, labels)
 
 
-def guided_fn(F_fn_with_labels: Callable, labels: jax.Array, null_label, scale) -> FFn:
-    """Wraps `F_fn_with_labels(x_scaled, t, labels) -> F` into a guided `F_fn(x_scaled, t)`.
+def sampler(net_fn: Callable, image_shape, sigma_d: float, method: Method, *,
+            num_classes: int = 0, guidance_input: bool = False, scale=1.0, out_sharding=None):
+    """A jitted draw(params, key, labels [N]) -> samples [N, *image_shape] of one network.
 
-    Both branches run in one call on a 2B batch (conditional first, then `null_label` broadcast to
-    labels' shape: an integer class index or, for one-hot labels [B, K], a [K] vector), so the
-    network sees one large batch. If `scale` is the Python number 1 the unconditional pass is
-    skipped, since guidance then equals the conditional output. scale: scalar or [B].
+    `out_sharding` (e.g. replicated over the training mesh) places the result; by default XLA
+    chooses. Every batch size compiles once.
     """
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale == 1.0:
-        return lambda x, t: F_fn_with_labels(x, t, labels)
+    image_shape = tuple(image_shape)
 
-    labels = jnp.asarray(labels)
-    null = jnp.broadcast_to(jnp.asarray(null_label, labels.dtype), labels.shape)
-    labels2 = jnp.concatenate([labels, null], axis=0)
+    def draw(params, key, labels):
+        F_fn = conditioned(net_fn, params, labels, num_classes=num_classes,
+                           guidance_input=guidance_input, scale=scale)
+        return sample(F_fn, key, (labels.shape[0],) + image_shape, sigma_d, method)
 
-    def F_fn(x, t):
-        out = F_fn_with_labels(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), labels2)
-        F_cond, F_uncond = jnp.split(out, 2, axis=0)
-        return classifier_free_guidance(F_cond, F_uncond, scale)
-
-    return F_fn
+    return jax.jit(draw, out_shardings=out_sharding)

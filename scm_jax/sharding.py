@@ -3,7 +3,8 @@
 The mesh has two axes, ('data', 'fsdp'). The batch is split over both; parameters, optimizer
 state and EMAs are split over 'fsdp' along the weight axis the backbones name 'embed_out' (ZeRO-3
 style) and replicated over 'data'. With fsdp = 1 (the default) this is plain data parallelism.
-Meshes use `AxisType.Auto` so XLA's partitioner propagates the shardings (DESIGN.md §3).
+Meshes use `AxisType.Auto` so XLA's partitioner propagates the shardings (the jax default, Explicit,
+breaks ordinary FSDP code).
 Multi-host: each process contributes its rows of the global batch through
 `jax.make_array_from_process_local_data`.
 
@@ -16,6 +17,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from scm_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -42,11 +45,11 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     fsdp = int(mesh_config.get("fsdp", 1))
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"config.mesh.fsdp = {fsdp} must be >= 1 and divide the "
+        raise ConfigError(f"config.mesh.fsdp = {fsdp} must be >= 1 and divide the "
                          f"{len(devices)} visible devices")
     data = len(devices) // fsdp if mesh_config.data == -1 else mesh_config.data
     if data < 1 or data * fsdp > len(devices):
-        raise ValueError(f"config.mesh.data = {mesh_config.data} with fsdp = {fsdp} needs "
+        raise ConfigError(f"config.mesh.data = {mesh_config.data} with fsdp = {fsdp} needs "
                          f"{data * fsdp} devices but {len(devices)} are visible")
     grid = np.asarray(devices[:data * fsdp]).reshape(data, fsdp)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
@@ -59,7 +62,7 @@ def logical_rules(mesh_config) -> tuple:
     for name, axes in rules:
         for axis in (axes,) if isinstance(axes, str) or axes is None else axes:
             if axis is not None and axis not in MESH_AXES:
-                raise ValueError(f"config.mesh.rules maps {name!r} to unknown mesh axis "
+                raise ConfigError(f"config.mesh.rules maps {name!r} to unknown mesh axis "
                                  f"{axis!r}; expected one of {MESH_AXES}")
         out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
     return tuple(out)
@@ -123,7 +126,7 @@ def batch_devices(mesh: Mesh) -> int:
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
     n = batch_devices(mesh)
     if batch_size % n:
-        raise ValueError(f"{what} = {batch_size} is not divisible by the {n} devices of the mesh")
+        raise ConfigError(f"{what} = {batch_size} is not divisible by the {n} devices of the mesh")
 
 
 def shard_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -1,117 +1,101 @@
 """train_stage(config, name, workdir): one training stage, the one place that knows the mesh, the
 data, the checkpoints and the metrics at once.
 
-Sections: config check -> mesh -> data -> models and shapes (jax.eval_shape) -> shardings ->
-jit(init) -> restore or initialize (CMs from the teacher's EMA) -> jitted step loop with logging,
-checkpoints and sample grids -> final checkpoint.
-"""
-import json
-import os
-import time
+Sections: config check -> objective -> mesh -> data -> teacher -> shapes and shardings
+(jax.eval_shape) -> jit(step) -> restore, or initialize (CMs from the teacher's EMA) -> the step
+loop with logging, checkpoints and sample grids -> final checkpoint.
 
-import flax.linen as nn
+On a multi-process run every process runs this function; the primary one alone prints and
+writes the side files (config.json, metrics, TensorBoard, grids), orbax writes the checkpoint.
+"""
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from scm_jax import checkpoint as ckpt
-from scm_jax import configs, sampling, sharding
-from scm_jax import train_step as ts
+from scm_jax import configs, files, objectives, sampling, sharding
 from scm_jax.data import build_train_batches, data_shape
+from scm_jax.errors import ConfigError, UserError
 from scm_jax.metrics_log import MetricLogger, save_image_grid
 
-
-def stage_dir(config, name: str, workdir: str) -> str:
-    """<workdir>/<name>; the teacher may live elsewhere (config.teacher.checkpoint_dir)."""
-    if name == "teacher" and config.teacher.checkpoint_dir:
-        return config.teacher.checkpoint_dir
-    return os.path.join(workdir, name)
+GRID_PER_CLASS = 10        # a progress grid: 10 samples of each of the first 10 classes
+GRID_TEACHER_STEPS = 18    # a diffusion model's grid: DPM-Solver-2S, 35 NFE (sCM App. G.1)
 
 
-def stage_record(config, name: str) -> dict:
-    """What config.json stores for a stage: what its checkpoints' meaning depends on."""
-    st = config[name]
-    return json.loads(json.dumps(dict(
-        model=ts.stage_model_config(config, name).to_dict(), data=config.data.to_dict(), kind=st.kind,
-        optimizer=st.optimizer.to_dict(), ema=st.ema.to_dict(), tangent=st.tangent,
-        full=config.to_dict()), default=str))
+def merge_teacher_params(fresh, teacher, where: str):
+    """Teacher EMA into a freshly initialized student of the same architecture (sCM App. G.2).
 
-
-def abstract_train_state(stage: ts.Stage, image_shape, *, boxed: bool = False):
-    """ShapeDtypeStructs of the stage's TrainState (boxed: with the logical axis names)."""
-    return jax.eval_shape(
-        lambda: ts.init_state(stage, jax.random.PRNGKey(0), image_shape, boxed=boxed))
-
-
-def sharded_abstract_state(stage: ts.Stage, image_shape, mesh, rules):
-    """(abstract TrainState carrying its shardings, the NamedShardings) from one trace of the
-    init: weights split by the logical rules (FSDP), scalars and unnamed leaves replicated."""
-    boxed = abstract_train_state(stage, image_shape, boxed=True)
-    shardings = sharding.tree_shardings(boxed, mesh, rules)
-    return sharding.with_shardings(nn.meta.unbox(boxed), shardings), shardings
-
-
-def restore_stage_ema(config, name: str, workdir: str, mesh=None):
-    """EMA backbone params of a finished (or latest) checkpoint of stage `name`, sharded over
-    `mesh` by the config's logical rules when one is given.
-
-    Raises FileNotFoundError naming the directory when the stage has no checkpoint.
+    Entries only the student has (the guidance-scale input) keep their fresh (zero) init; any
+    other difference is an error naming the entry.
     """
-    directory = stage_dir(config, name, workdir)
-    if not ckpt.has_checkpoint(directory):
-        hint = ("run stage=teacher first or set --config.teacher.checkpoint_dir"
-                if name == "teacher" else f"run stage={name} first")
-        raise FileNotFoundError(f"no {name} checkpoint found in {directory}: {hint}")
-    ckpt.check_stage_config(directory, stage_record(config, name))
-    store = ckpt.CheckpointStore(directory, async_save=False)
-    try:
-        stage = ts.build_stage(config, name)
-        if mesh is None:
-            abstract = abstract_train_state(stage, image_shape(config))
-        else:
-            abstract, _ = sharded_abstract_state(stage, image_shape(config), mesh,
-                                                 sharding.logical_rules(config.mesh))
-        state, _ = store.restore(abstract)
-    finally:
-        store.close()
-    return state.ema, int(state.step)
+    flatten = lambda tree: {jax.tree_util.keystr(p): v  # noqa: E731
+                            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    fresh_flat, teach_flat = flatten(fresh), flatten(teacher)
+    for key, value in teach_flat.items():
+        if key not in fresh_flat:
+            raise ConfigError(f"teacher at {where} has parameter {key} that the student lacks")
+        if value.shape != fresh_flat[key].shape:
+            raise ConfigError(f"teacher at {where}: {key} has shape {value.shape}, the student "
+                              f"expects {fresh_flat[key].shape}")
+    for key in fresh_flat:
+        if key not in teach_flat and "guidance" not in key:
+            raise ConfigError(f"teacher at {where} lacks parameter {key}")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, v: teach_flat.get(jax.tree_util.keystr(p), v), fresh)
 
 
-def image_shape(config):
-    """(H, W, C) of the network's input for this config's dataset."""
-    return data_shape(config.data)
+def grid_sampler(objective, shape, mesh):
+    """(draw(params, step) -> images [N, H, W, C] on every process, rows): the stage's progress
+    grid. A diffusion model is sampled with its ODE solver, a consistency model in 2 steps; a
+    guided student at its lowest training scale."""
+    model = objective.model_cfg
+    classes = min(model.num_classes, 10)   # the first ten classes of a 1000-class model
+    method = (sampling.ode(GRID_TEACHER_STEPS) if objective.sampler == "ode"
+              else sampling.two_step(objective.sigma_d))
+    scale = objective.cfg.guidance.scale_min if model.guidance_input else 1.0
+    repl = sharding.replicated(mesh)
+    draw = sampling.sampler(objective.net_eval, shape, objective.sigma_d, method,
+                            num_classes=model.num_classes, guidance_input=model.guidance_input,
+                            scale=scale, out_sharding=repl)
+    labels = np.repeat(np.arange(max(classes, 1)), GRID_PER_CLASS).astype(np.int32)
+    labels = jax.device_put(labels, repl)
+
+    def images(params, step: int) -> np.ndarray:
+        out = draw(params, jax.device_put(jax.random.PRNGKey(step), repl), labels)
+        return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
+    return images, max(classes, 1)
 
 
-def sample_grid(stage: ts.Stage, net_params, key, shape, num_classes: int, per_class: int = 10):
-    """[N, H, W, C] samples for a progress grid: 2-step CM, or the teacher's 35-NFE solver."""
-    classes = min(num_classes, 10)   # the first ten classes of a 1000-class model
-    n = max(classes, 1) * per_class
-    cond = {"y": jnp.repeat(jnp.arange(classes), per_class)} if num_classes else {}
-    if stage.model_cfg.guidance_input:
-        cond["guidance"] = jnp.full((n,), stage.cfg.guidance.scale_min, jnp.float32)
-    F_fn = lambda x, t: stage.net_eval(net_params, x, t, cond)  # noqa: E731
-    shape = (n,) + tuple(shape)
-    if stage.cfg.kind == "diffusion":
-        return sampling.teacher_sample(F_fn, key, shape, stage.sigma_d, num_steps=18)
-    return sampling.cm_sample(F_fn, key, shape, stage.sigma_d,
-                              sampling.two_step_times(stage.sigma_d))
+def write_grid(images: np.ndarray, directory, step: int, rows: int, sigma_d: float) -> None:
+    """<stage dir>/samples_<step>.png (primary process only)."""
+    if not files.is_primary():
+        return
+    if images.shape[-1] not in (1, 3):
+        # Latents: a preview of the first three channels, scaled from +-2 sigma_d (no VAE here).
+        images = images[..., :3] / (2 * sigma_d)
+    save_image_grid(images, files.join(directory, f"samples_{step:07d}.png"), rows=rows)
 
 
-def train_stage(config, name: str, workdir: str, *, log=print):
-    """Trains stage `name` ('teacher' | 'scd' | 'sct' | 'dscd') to config.<name>.steps.
+def train_stage(config, name: str, workdir, *, log=print):
+    """Trains stage `name` (a section of the config with an `objective`) to config.<name>.steps.
 
     Resumes from the stage's latest checkpoint when there is one. Returns the final TrainState.
     """
+    say = log if files.is_primary() else (lambda msg: None)
+
     # --- Config check: fail before anything is written --------------------------------------
     configs.validate(config)
-    if name not in configs.TRAIN_STAGES:
-        raise ValueError(f"unknown training stage {name!r}; expected one of {configs.TRAIN_STAGES}")
+    if name not in configs.training_stages(config):
+        raise ConfigError(f"unknown training stage {name!r}; expected one of "
+                          f"{configs.training_stages(config)}")
     cfg = config[name]
-    directory = stage_dir(config, name, workdir)
-    record = stage_record(config, name)
+    objective = objectives.build(config, name)
+    directory = ckpt.stage_dir(config, name, workdir)
+    record = ckpt.stage_record(config, objective)
     ckpt.check_stage_config(directory, record)
-    stage = ts.build_stage(config, name)
-    shape = image_shape(config)
+    shape = data_shape(config.data)
+    resuming = ckpt.has_checkpoint(directory)
 
     # --- Mesh and data ----------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
@@ -121,69 +105,70 @@ def train_stage(config, name: str, workdir: str, *, log=print):
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
 
-    # --- Teacher (distillation stages and CM initialization) --------------------------------
-    teacher_params = None
-    teacher_stage = None
-    if name != "teacher":
-        teacher_params, _ = restore_stage_ema(config, "teacher", workdir, mesh)
-        teacher_stage = ts.build_stage(config, "teacher")
+    # --- Teacher: distilled at every step, or only the start of a fresh run -----------------
+    teacher, teacher_params = None, None
+    if objective.teacher_stage and (objective.distills or not resuming):
+        teacher_params, _ = ckpt.restore_stage_ema(config, objective.teacher_stage, workdir,
+                                                   mesh, rules)
+    if objective.distills:
+        teacher = objectives.Teacher(objectives.build(config, objective.teacher_stage))
 
     # --- Shapes and shardings ---------------------------------------------------------------
-    abstract, state_sharding = sharded_abstract_state(stage, shape, mesh, rules)
-    repl = sharding.replicated(mesh)
+    try:
+        abstract, state_sharding = objective.abstract_state(shape, mesh, rules)
+    except ValueError as err:
+        if isinstance(err, UserError):
+            raise
+        raise ConfigError(f"config.model does not build a network for {config.data.name} "
+                          f"inputs of shape {shape}: {err}") from err
+    step_teacher = teacher_params if objective.distills else None
     # The teacher was restored straight into its shardings.
-    teacher_sharding = jax.tree.map(lambda a: a.sharding, teacher_params)
-    step_fn = jax.jit(
-        ts.make_train_step(stage, teacher_stage.net_eval if teacher_stage else None),
-        in_shardings=(state_sharding, sharding.batch_sharded(mesh), teacher_sharding),
-        out_shardings=(state_sharding, repl), donate_argnums=(0,))
+    teacher_sharding = jax.tree.map(lambda a: a.sharding, step_teacher)
+    step_fn = jax.jit(objective.make_step(teacher),
+                      in_shardings=(state_sharding, sharding.batch_sharded(mesh), teacher_sharding),
+                      out_shardings=(state_sharding, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
 
     # --- Restore or initialize --------------------------------------------------------------
-    os.makedirs(directory, exist_ok=True)
     store = ckpt.CheckpointStore(directory, keep=cfg.keep_checkpoints)
-    stage_key = jax.random.fold_in(jax.random.PRNGKey(config.seed),
-                                   configs.TRAIN_STAGES.index(name))
-    if store.latest_step() is not None:
+    if resuming:
         state, data_state = store.restore(abstract)
         batches.set_state(data_state)
-        log(f"[{name}] resumed from step {int(state.step)} in {directory}")
+        say(f"[{name}] resumed from step {int(state.step)} in {directory}")
     else:
-        state = jax.jit(lambda k: ts.init_state(stage, k, shape), out_shardings=state_sharding)(
-            stage_key)
-        if teacher_params is not None:
+        state = jax.jit(lambda k: objective.init_state(k, shape), out_shardings=state_sharding)(
+            objectives.stage_key(config.seed, name))
+        if teacher_params is not None and cfg.init_from_teacher:
             # sCM App. G.2: every CM starts from the teacher's EMA parameters.
-            net = ts.merge_teacher_params(state.params["net"], teacher_params,
-                                          stage_dir(config, "teacher", workdir))
-            state = jax.device_put(ts.with_net_params(stage, state, net), state_sharding)
-        ckpt.write_json_atomic(os.path.join(directory, "config.json"), record)
+            where = ckpt.stage_dir(config, objective.teacher_stage, workdir)
+            net = merge_teacher_params(state.nets["net"].params, teacher_params, where)
+            state = jax.device_put(objective.with_params(state, "net", net), state_sharding)
+        ckpt.write_record(directory, record)
+    del teacher_params   # the step holds its own reference when it distills
 
     # --- Loop -------------------------------------------------------------------------------
-    logger = MetricLogger(directory, name=name, total_steps=cfg.steps, log=log)
+    logger = MetricLogger(directory, name=name, total_steps=cfg.steps, log=say,
+                          resume_step=int(state.step) if resuming else None)
+    grid, rows = grid_sampler(objective, shape, mesh) if cfg.sample_every >= 0 else (None, 0)
     start = int(state.step)
     try:
         for step in range(start, cfg.steps):
             batch = sharding.shard_batch(next(batches), mesh)
             with sharding.activation_sharding(mesh, rules):
-                state, metrics = step_fn(state, batch, teacher_params)
+                state, metrics = step_fn(state, batch, step_teacher)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 logger.write(done, jax.device_get(metrics), images=done * cfg.batch_size)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 store.save(done, state, batches.get_state(), force=done == cfg.steps)
             if cfg.sample_every > 0 and done % cfg.sample_every == 0:
-                _write_grid(stage, state, directory, done, shape, config.model.num_classes)
-        if cfg.steps > start and cfg.sample_every >= 0:
-            _write_grid(stage, state, directory, int(state.step), shape, config.model.num_classes)
+                write_grid(grid(state.nets["net"].ema, done), directory, done, rows,
+                           objective.sigma_d)
+        if cfg.steps > start and grid is not None:
+            step = int(state.step)
+            write_grid(grid(state.nets["net"].ema, step), directory, step, rows,
+                       objective.sigma_d)
     finally:
         store.close()
         logger.close()
     return state
-
-
-def _write_grid(stage, state, directory, step, shape, num_classes):
-    images = np.asarray(sample_grid(stage, state.ema, jax.random.PRNGKey(step), shape, num_classes))
-    if images.shape[-1] not in (1, 3):
-        # Latents: a preview of the first three channels, scaled from +-2 sigma_d (no VAE here).
-        images = images[..., :3] / (2 * stage.sigma_d)
-    save_image_grid(images, os.path.join(directory, f"samples_{step:07d}.png"),
-                    rows=max(min(num_classes, 10), 1))

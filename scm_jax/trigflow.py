@@ -31,11 +31,6 @@ def velocity_target(x0: jax.Array, z: jax.Array, t: jax.Array) -> jax.Array:
     return jnp.cos(t) * z - jnp.sin(t) * x0
 
 
-def c_noise(t: jax.Array) -> jax.Array:
-    """Identity time transform c_noise(t) = t, in radians, no 1000x factor (sCM Sec. 4.1)."""
-    return t
-
-
 def sample_time(key: jax.Array, shape, p_mean: float, p_std: float, sigma_d: float) -> jax.Array:
     """Log-normal proposal: tan(t) = exp(tau) / sigma_d with tau ~ N(P_mean, P_std^2) (Alg. 1).
 

@@ -1,5 +1,6 @@
 """Shared test helpers: tiny random networks in float32 or float64."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -46,13 +47,13 @@ def _bound(dtype, kw):
     return jax.jit(bind_apply(tiny_unet(dtype=dtype, **kw), train=kw.get("dropout", 0.0) > 0))
 
 
-def load_experiment(name: str, arg: str | None = None):
-    """get_config(arg) of experiments/<name>.py, loaded the way config_flags loads it."""
-    import importlib.util
-    import os
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+
+def load_experiment(name: str, arg: str | None = None, overrides=()):
+    """experiments/<name>.py[:arg] with 'key=value' overrides, through the package's one
+    config loader (`configs.load`, as the command line loads it)."""
+    from scm_jax import configs
+
+    spec = os.path.join(REPO, "experiments", f"{name}.py") + (f":{arg}" if arg else "")
+    return configs.load(spec, overrides)

@@ -192,9 +192,13 @@ def test_shard_map_wrapper_on_8_devices():
                                                       backend="interpret"))(*args)
     assert got[0].sharding.is_equivalent_to(spec, 4)
     _assert_close(got, want, 2e-6)
-    # The 'pallas' attention finds the context mesh itself (batch over data+fsdp, heads over
-    # 'model'), the way the training step traces it.
-    with jax.set_mesh(mesh):
+    # The 'pallas' attention finds the context mesh itself (the training mesh's axes: the batch
+    # split over data and fsdp, the heads whole), the way the training step traces it.
+    train_mesh = _cpu_mesh((2, 2), ("data", "fsdp"))
+    batch_spec = NamedSharding(train_mesh, P(("data", "fsdp")))
+    args = [jax.device_put(x, batch_spec) for x in (q, k, v, dq, dk, dv)]
+    kv_mask = jax.device_put(mask, batch_spec)
+    with jax.set_mesh(train_mesh):
         got = jax.jit(lambda *a: jax.jvp(lambda *p: attn.attention(*p, impl="pallas",
                                                                    kv_mask=kv_mask),
                                          a[:3], a[3:]))(*args)
@@ -231,9 +235,9 @@ def test_bad_inputs_raise_clear_errors():
 # ---------------------------------------------------------------------------------------------
 
 def test_scm_train_step_with_pallas_equals_xla():
-    """`jax.grad` of the full sCM loss traces and runs with 'pallas' selected (build_stage keeps
-    the kernel off the differentiated pass) and gives xla's loss, gradients and update."""
-    from scm_jax import train_step as ts
+    """`jax.grad` of the full sCM loss traces and runs with 'pallas' selected (the objective
+    keeps the kernel off the differentiated pass) and gives xla's loss, gradients and update."""
+    from scm_jax import objectives
     from tests.helpers import load_experiment
 
     results = {}
@@ -244,22 +248,27 @@ def test_scm_train_step_with_pallas_equals_xla():
                             attention_impl=impl)
         config.sct.loss.warmup_steps = 0          # r = 1: the full tangent enters g
         config.sct.optimizer.eps = 1e-3           # updates ~ gradients, not their signs
-        stage = ts.build_stage(config, "sct")
-        state = jax.jit(lambda key: ts.init_state(stage, key, (8, 8, 1)))(jax.random.PRNGKey(0))
+        objective = objectives.build(config, "sct")
+        state = jax.jit(lambda key: objective.init_state(key, (8, 8, 1)))(jax.random.PRNGKey(0))
         # Noise on every weight: the zero-initialized attention projections would otherwise
         # hide the attention tangent from the loss.
-        leaves, tree = jax.tree.flatten(state.params)
+        params = {name: net.params for name, net in state.nets.items()}
+        leaves, tree = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-        noisy = [p + 0.3 * jax.random.normal(key, p.shape) for p, key in zip(leaves, keys)]
-        state = state.replace(params=jax.tree.unflatten(tree, noisy))
+        noisy = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(key, p.shape)
+                                          for p, key in zip(leaves, keys)])
+        state = state.replace(nets={name: net.replace(params=noisy[name])
+                                    for name, net in state.nets.items()})
         rng = np.random.default_rng(12)
         batch = {"image": jnp.asarray(rng.uniform(-1, 1, (4, 8, 8, 1)), jnp.float32),
                  "label": jnp.asarray(rng.integers(0, 10, (4,)), jnp.int32)}
-        lowered = jax.jit(ts.make_train_step(stage)).lower(state, batch, None)
+        lowered = jax.jit(objective.make_step()).lower(state, batch, None)
         # The kernel is in the 'pallas' step (on its tangent pass), and only there.
         assert ("attention_jvp_mosaic" in lowered.as_text(debug_info=True)) == (impl == "pallas")
         new_state, metrics = lowered.compile()(state, batch, None)
-        update = jax.tree.map(lambda a, b: a - b, new_state.params, state.params)
+        update = jax.tree.map(lambda a, b: a - b,
+                              {n: net.params for n, net in new_state.nets.items()},
+                              {n: net.params for n, net in state.nets.items()})
         results[impl] = (metrics, update)
     (m_xla, u_xla), (m_pal, u_pal) = results["xla"], results["pallas"]
     assert np.isfinite(float(m_xla["loss"]))

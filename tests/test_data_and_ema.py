@@ -5,7 +5,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from scm_jax import configs, ema, optimizers
+from scm_jax import ema, optimizers
+from scm_jax.errors import ConfigError
 from scm_jax.data import DigitsBatches, load_digits_splits
 
 
@@ -63,17 +64,50 @@ def test_ema_decays_and_update():
         ema.ema_decay("linear", 1.0, 0, 1)
 
 
-def test_inverse_sqrt_schedule_and_optimizer_errors():
-    cfg = configs.optimizer_config(lr=1e-2, schedule="inv_sqrt", t_ref=100)
-    sched = optimizers.learning_rate_schedule(cfg)
-    np.testing.assert_allclose([sched(0), sched(100), sched(400)], [1e-2, 1e-2, 5e-3], rtol=1e-6)
-    warm = optimizers.learning_rate_schedule(configs.optimizer_config(lr=1.0, warmup_steps=10))
-    np.testing.assert_allclose([warm(0), warm(5), warm(20)], [0.0, 0.5, 1.0], rtol=1e-6)
-    opt = optimizers.build_optimizer(configs.optimizer_config(name="radam", eps=1e-8))
+def _edm2_learning_rate(cur_nimg, batch_size, ref_lr, ref_batches, rampup_mimg):
+    """EDM2's `learning_rate_schedule` (training/training_loop.py), transcribed: the image
+    count drives both the inverse-sqrt decay and the ramp-up."""
+    lr = ref_lr
+    if ref_batches > 0:
+        lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
+    if rampup_mimg > 0:
+        lr *= min(cur_nimg / (rampup_mimg * 1e6), 1)
+    return lr
+
+
+def test_schedule_is_edm2s_formula_with_the_absolute_step():
+    rng = np.random.default_rng()
+    batch, t_ref, warmup = 2048, int(rng.integers(100, 1000)), int(rng.integers(50, 5000))
+    lr = float(rng.uniform(1e-4, 1e-2))
+    sched = optimizers.learning_rate_schedule(optimizers.default_config(
+        lr=lr, schedule="inv_sqrt", t_ref=t_ref, warmup_steps=warmup))
+    steps = np.unique(np.concatenate([rng.integers(0, 20 * max(t_ref, warmup), 50),
+                                      [0, 1, warmup - 1, warmup, warmup + 1, t_ref, 4 * t_ref]]))
+    for step in steps:
+        want = _edm2_learning_rate(step * batch, batch, lr, t_ref, warmup * batch / 1e6)
+        np.testing.assert_allclose(float(sched(step)), want, rtol=2e-6, err_msg=f"step {step}")
+    constant = optimizers.learning_rate_schedule(optimizers.default_config(lr=1.0, warmup_steps=10))
+    np.testing.assert_allclose([constant(0), constant(5), constant(20)], [0.0, 0.5, 1.0], rtol=1e-6)
+
+
+def test_optimizer_builds_and_names_bad_values():
+    opt = optimizers.build_optimizer(optimizers.default_config(name="radam", eps=1e-8))
     state = opt.init({"w": jnp.ones(2)})
     updates, _ = opt.update({"w": jnp.ones(2)}, state)
     assert np.all(np.isfinite(updates["w"]))
-    with pytest.raises(ValueError, match="optimizer.name 'sgdx'"):
-        optimizers.build_optimizer(configs.optimizer_config(name="sgdx"))
-    with pytest.raises(ValueError, match="schedule"):
-        optimizers.learning_rate_schedule(configs.optimizer_config(schedule="cosine"))
+    with pytest.raises(ConfigError, match="optimizer.name = 'sgdx'"):
+        optimizers.build_optimizer(optimizers.default_config(name="sgdx"))
+    with pytest.raises(ConfigError, match="schedule"):
+        optimizers.learning_rate_schedule(optimizers.default_config(schedule="cosine"))
+    with pytest.raises(ConfigError, match=r"scd\.optimizer\.lr"):
+        optimizers.validate(optimizers.default_config(lr=0.0), "scd.optimizer")
+    with pytest.raises(ConfigError, match="unknown optimizer keys"):
+        optimizers.default_config(learning_rate=1.0)
+
+
+def test_ema_settings_are_checked_by_name():
+    ema.validate(ema.default_config(kind="halflife", value=5e5), "sct.ema")
+    with pytest.raises(ConfigError, match=r"scd\.ema\.value = 0\.5"):
+        ema.validate(ema.default_config(value=0.5), "scd.ema")
+    with pytest.raises(ConfigError, match=r"teacher\.ema\.kind"):
+        ema.validate(ema.default_config(kind="linear"), "teacher.ema")

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from scm_jax import checkpoint as ckpt
 from scm_jax import main as scm_main
-from scm_jax import train
+from scm_jax import objectives, train
+from scm_jax.data import data_shape
 from tests.helpers import load_experiment
 
 
@@ -50,7 +52,7 @@ def test_imagenet512_settings_are_the_papers():
     assert (c.sct.dropout, c.scd.dropout, c.model.dropout_max_resolution) == (0.35, 0.1, 16)
     assert (c.teacher.steps, c.sct.steps, c.scd.steps) == (376_000, 100_000, 200_000)
     assert c.teacher.batch_size == c.scd.batch_size == 2048
-    assert c.data.sigma_d == 0.5 and train.image_shape(c) == (64, 64, 4)
+    assert c.data.sigma_d == 0.5 and data_shape(c.data) == (64, 64, 4)
     c64 = load_experiment("imagenet64", "variant=s")
     assert c64.sct.dropout == 0.45 and c64.teacher.ema.value == 0.075
     assert not c64.model.guidance_input and c64.scd.guidance.scale_max == 1.0
@@ -77,7 +79,8 @@ def test_dry_run_command_prints_config_and_count(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=_repo(), timeout=600,
                          env=_cpu_env())
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "backbone parameters: 1,5" in out.stdout and "1523.4M" in out.stdout
+    assert "backbone parameters (stage scd): 1,5" in out.stdout and "1523.4M" in out.stdout
+    assert "| Name " in out.stdout   # clu's parameter table
     assert "lr: 3.0e-05" in out.stdout and "steps: 200000" in out.stdout
     assert not any(tmp_path.iterdir())   # a dry run writes nothing
 
@@ -105,7 +108,7 @@ def _train(config, stages, workdir):
 
 def _moved(state, before):
     diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                         state.params["net"], before)
+                         state.nets["net"].params, before)
     return max(jax.tree.leaves(diffs))
 
 
@@ -122,7 +125,7 @@ def test_cifar10_runlocal_trains_its_teacher(mock_tfds, tmp_path):
     config.teacher.sample_every = -1   # no grid: compile time
     state = _train(config, ("teacher",), tmp_path)["teacher"]
     assert int(state.step) == config.teacher.steps
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.nets))
     resumed = train.train_stage(config, "teacher", str(tmp_path), log=lambda m: None)
     assert int(resumed.step) == config.teacher.steps   # re-running resumes at the end
 
@@ -132,13 +135,13 @@ def test_imagenet64_runlocal_trains_under_fsdp(mock_tfds, tmp_path):
     config.mesh.fsdp = 2
     config.teacher.sample_every = -1
     state = _train(config, ("teacher",), tmp_path)["teacher"]
-    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state.params["net"])]
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state.nets["net"].params)]
     assert any("fsdp" in str(spec) for spec in specs), "no weight is split over the fsdp axis"
     # EDM2's forced weight normalization ran after the updates: MP weights have unit RMS rows.
     from scm_jax.networks import edm2
 
-    projected = edm2.project_params(state.params["net"])
-    for a, b in zip(jax.tree.leaves(projected), jax.tree.leaves(state.params["net"])):
+    projected = edm2.project_params(state.nets["net"].params)
+    for a, b in zip(jax.tree.leaves(projected), jax.tree.leaves(state.nets["net"].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
@@ -170,13 +173,13 @@ def test_imagenet512_runlocal_trains_guided_scd(tmp_path):
     config = load_experiment("imagenet512", "variant=runlocal,stage=scd")
     config.data.path = str(tmp_path / "latents")
     config.teacher.sample_every = -1
-    assert train.image_shape(config) == (8, 8, 4) and config.model.guidance_input
+    assert data_shape(config.data) == (8, 8, 4) and config.model.guidance_input
     states = _train(config, ("teacher", "scd"), tmp_path / "run")
-    teacher_ema, _ = train.restore_stage_ema(config, "teacher", str(tmp_path / "run"))
+    teacher_ema, _ = ckpt.restore_stage_ema(config, "teacher", str(tmp_path / "run"))
     # The guided student starts from the unguided teacher (its guidance layer zero-initialized)
     # and the guidance path is trained.
     flat = {jax.tree_util.keystr(p): v for p, v in
-            jax.tree_util.tree_flatten_with_path(states["scd"].params["net"])[0]}
+            jax.tree_util.tree_flatten_with_path(states["scd"].nets["net"].params)[0]}
     guidance = [v for k, v in flat.items() if "guidance" in k]
     assert guidance and max(float(np.abs(np.asarray(v)).max()) for v in guidance) > 0
     student = {k: v for k, v in flat.items() if "guidance" not in k}
@@ -212,18 +215,15 @@ def test_paper_configs_default_to_the_fused_kernel_on_accelerators(monkeypatch):
 def test_dit_backbone_takes_an_scm_step():
     """The DiT backbone through the real sCT train step (imagenet512 runlocal, backbone=dit):
     the loss is finite, the weights move, and the tangent pass saw the attention."""
-    from scm_jax import train_step as ts
-    from scm_jax.data import data_shape
-
     config = load_experiment("imagenet512", "variant=runlocal,backbone=dit,stage=sct")
     assert config.model.name == "dit"
-    stage = ts.build_stage(config, "sct")
+    objective = objectives.build(config, "sct")
     shape = data_shape(config.data)
-    state = ts.init_state(stage, jax.random.PRNGKey(0), shape)
-    before = jax.tree.map(np.asarray, state.params["net"])
+    state = objective.init_state(jax.random.PRNGKey(0), shape)
+    before = jax.tree.map(np.asarray, state.nets["net"].params)
     k1, k2 = jax.random.split(jax.random.PRNGKey(1))
     batch = dict(image=0.5 * jax.random.normal(k1, (4,) + shape),
                  label=jax.random.randint(k2, (4,), 0, 1000))
-    state, metrics = jax.jit(ts.make_train_step(stage))(state, batch, None)
+    state, metrics = jax.jit(objective.make_step())(state, batch, None)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["tangent_norm"]) > 0
     assert _moved(state, before) > 0

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax import sampling, trigflow
+from scm_jax import guidance, sampling, trigflow
 
 SIGMA_D = 0.5
 
@@ -254,19 +254,19 @@ def test_cfg_combination():
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(np.random.default_rng().integers(1 << 31)), 3)
     fc = jax.random.normal(k1, (4, 2, 2, 3))
     fu = jax.random.normal(k2, (4, 2, 2, 3))
-    np.testing.assert_array_equal(sampling.classifier_free_guidance(fc, fu, 1.0), fc)
-    np.testing.assert_array_equal(sampling.classifier_free_guidance(fc, fu, 0.0), fu)
+    np.testing.assert_array_equal(guidance.classifier_free_guidance(fc, fu, 1.0), fc)
+    np.testing.assert_array_equal(guidance.classifier_free_guidance(fc, fu, 0.0), fu)
     for w in (0.5, 1.3, 2.0):
-        np.testing.assert_allclose(sampling.classifier_free_guidance(fc, fu, w),
+        np.testing.assert_allclose(guidance.classifier_free_guidance(fc, fu, w),
                                    (1 - w) * fu + w * fc, rtol=1e-5, atol=1e-5)
     scales = jax.random.uniform(k3, (4,), minval=0.0, maxval=3.0)
-    per = sampling.classifier_free_guidance(fc, fu, scales)
+    per = guidance.classifier_free_guidance(fc, fu, scales)
     for i in range(4):
-        np.testing.assert_allclose(per[i], sampling.classifier_free_guidance(fc[i], fu[i], scales[i]),
+        np.testing.assert_allclose(per[i], guidance.classifier_free_guidance(fc[i], fu[i], scales[i]),
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_guided_fn():
+def test_guided():
     key = jax.random.PRNGKey(np.random.default_rng().integers(1 << 31))
     kx, kt, km, kl = jax.random.split(key, 4)
     F = _labelled_model(km)
@@ -281,23 +281,92 @@ def test_guided_fn():
         return F(x_, t_, l_)
 
     # scale == 1: exactly the conditional output, one call with the real labels only.
-    out1 = sampling.guided_fn(F_counted, labels, null, 1.0)(x, t)
+    out1 = guidance.guided(F_counted, labels, null, 1.0)(x, t)
     np.testing.assert_array_equal(out1, F(x, t, labels))
     assert len(calls) == 1 and not np.any(calls[0] == null)
 
     cond, uncond = F(x, t, labels), F(x, t, jnp.full((5,), null))
     for scale in (0.0, 1.7, jnp.asarray([0.0, 0.5, 1.0, 1.5, 4.0])):
         calls.clear()
-        out = sampling.guided_fn(F_counted, labels, null, scale)(x, t)
+        out = guidance.guided(F_counted, labels, null, scale)(x, t)
         assert len(calls) == 1 and calls[0].shape == (10,)  # one batched call of size 2B
-        np.testing.assert_allclose(out, sampling.classifier_free_guidance(cond, uncond, scale),
+        np.testing.assert_allclose(out, guidance.classifier_free_guidance(cond, uncond, scale),
                                    rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(sampling.guided_fn(F, labels, null, 0.0)(x, t), uncond,
+    np.testing.assert_allclose(guidance.guided(F, labels, null, 0.0)(x, t), uncond,
                                rtol=1e-6, atol=1e-6)
     # One-hot labels with a zero vector as the null label.
     onehot = jax.nn.one_hot(labels, 10)
     F_oh = lambda x_, t_, l_: jnp.tanh(x_ * (l_ @ jnp.arange(10.0))[:, None, None, None] + _bt(t_, x_))
-    g = sampling.guided_fn(F_oh, onehot, jnp.zeros(10), 2.0)(x, t)
+    g = guidance.guided(F_oh, onehot, jnp.zeros(10), 2.0)(x, t)
     np.testing.assert_allclose(
-        g, sampling.classifier_free_guidance(F_oh(x, t, onehot), F_oh(x, t, jnp.zeros((5, 10))), 2.0),
+        g, guidance.classifier_free_guidance(F_oh(x, t, onehot), F_oh(x, t, jnp.zeros((5, 10))), 2.0),
         rtol=1e-5, atol=1e-5)
+
+
+# --- the one entry point ----------------------------------------------------------------------
+
+
+def test_sample_dispatches_to_the_samplers_and_counts_nfe():
+    m, s0 = _gaussian(3, (4, 4, 2), jnp.float32)
+    key, shape = jax.random.PRNGKey(5), (6, 4, 4, 2)
+    for method, direct in [
+            (sampling.one_step(SIGMA_D),
+             lambda: sampling.cm_sample(_cm_F(m, s0), key, shape, SIGMA_D,
+                                        sampling.one_step_times(SIGMA_D))),
+            (sampling.consistency((1.5, 1.1, 0.4)),
+             lambda: sampling.cm_sample(_cm_F(m, s0), key, shape, SIGMA_D, (1.5, 1.1, 0.4))),
+            (sampling.ode(4, "heun"),
+             lambda: sampling.teacher_sample(_teacher_F(m, s0), key, shape, SIGMA_D,
+                                             num_steps=4, solver="heun"))]:
+        F = _teacher_F(m, s0) if method.kind == "ode" else _cm_F(m, s0)
+        np.testing.assert_array_equal(sampling.sample(F, key, shape, SIGMA_D, method), direct())
+    assert [sampling.one_step(SIGMA_D).nfe, sampling.two_step(SIGMA_D).nfe,
+            sampling.ode(18).nfe] == [1, 2, 35]
+    with pytest.raises(ValueError, match="decreasing"):
+        sampling.consistency((1.1, 1.5))
+    with pytest.raises(ValueError, match="solver"):
+        sampling.ode(3, "euler")
+
+
+def test_conditioned_guides_a_teacher_and_feeds_a_student_its_scale():
+    """A conditional model without a guidance input is CFG-guided (one batched 2B call); a
+    guided student receives the scale as its input instead; an unconditional model ignores
+    labels."""
+    F = _labelled_model(jax.random.PRNGKey(2))
+    seen = []
+
+    def net(params, x, t, cond):
+        seen.append(dict(cond))
+        return F(x, t, cond["y"]) * (1.0 + cond.get("guidance", 0.0)[:, None, None, None]
+                                     if "guidance" in cond else 1.0)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 3))
+    t = jnp.full((4,), 0.7)
+    y = jnp.asarray([0, 3, 5, 9])
+    teacher = sampling.conditioned(net, None, y, num_classes=10, scale=1.5)(x, t)
+    assert seen[-1]["y"].shape == (8,) and "guidance" not in seen[-1]
+    np.testing.assert_allclose(teacher, guidance.classifier_free_guidance(
+        F(x, t, y), F(x, t, jnp.full((4,), 10)), 1.5), rtol=1e-6)
+    student = sampling.conditioned(net, None, y, num_classes=10, guidance_input=True,
+                                   scale=1.5)(x, t)
+    np.testing.assert_allclose(seen[-1]["guidance"], 1.5)
+    np.testing.assert_allclose(student, F(x, t, y) * 2.5, rtol=1e-6)
+    out = sampling.conditioned(lambda p, x_, t_, c: (seen.append(dict(c)), x_)[1], None, y)(x, t)
+    assert seen[-1] == {} and out is x
+
+
+def test_sampler_is_jitted_once_per_batch_size():
+    m, s0 = _gaussian(1, (4, 4, 1), jnp.float32)
+    traces = []
+
+    def net(params, x, t, cond):
+        traces.append(1)
+        return params * _cm_F(m, s0)(x, t)
+
+    draw = sampling.sampler(net, (4, 4, 1), SIGMA_D, sampling.two_step(SIGMA_D))
+    labels = jnp.zeros((3,), jnp.int32)
+    a = draw(jnp.float32(1.0), jax.random.PRNGKey(0), labels)
+    b = draw(jnp.float32(1.0), jax.random.PRNGKey(0), labels)
+    draw(jnp.float32(2.0), jax.random.PRNGKey(1), labels)
+    assert a.shape == (3, 4, 4, 1) and len(traces) == 2   # 2 evaluations traced once
+    np.testing.assert_array_equal(a, b)

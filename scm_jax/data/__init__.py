@@ -14,8 +14,14 @@ uninterrupted one would have seen. `data_shape(config.data)` is the (H, W, C) th
   (`latents.py`).
 """
 from scm_jax.data.digits import DigitsBatches, load_digits_splits
+from scm_jax.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "imagenet64", "imagenet512_latents")
+# Entries of config.data that do not change what a checkpoint means: where the files are, how
+# fast they are read, and augmentation. Everything else (name, resolution, classes, split,
+# sigma_d, the digits hold-out) is the dataset's identity.
+NON_IDENTITY_KEYS = ("data_dir", "path", "num_workers", "read_threads", "prefetch_batches",
+                     "num_threads", "prefetch", "sample_posterior", "random_flip")
 LATENT_DOWNSAMPLING = 8   # SD-VAE: 512x512x3 images -> 64x64x4 latents
 
 
@@ -42,7 +48,7 @@ class StepBatches:
 
 def _check_name(data_config):
     if data_config.name not in DATASETS:
-        raise ValueError(f"unknown data.name {data_config.name!r}; expected one of {DATASETS}")
+        raise ConfigError(f"unknown data.name {data_config.name!r}; expected one of {DATASETS}")
 
 
 def data_shape(data_config) -> tuple:
@@ -73,5 +79,5 @@ def build_train_batches(data_config, *, batch_size, seed, process_index=0, proce
     return build_image_batches(data_config, **kw)
 
 
-__all__ = ["DATASETS", "DigitsBatches", "StepBatches", "build_train_batches", "data_shape",
+__all__ = ["DATASETS", "NON_IDENTITY_KEYS", "DigitsBatches", "StepBatches", "build_train_batches", "data_shape",
            "load_digits_splits"]

@@ -11,6 +11,8 @@ its step alone, and every host can slice its share of the same global batch.
 """
 import numpy as np
 
+from scm_jax.errors import ConfigError
+
 NUM_DIGITS = 1797
 IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
@@ -21,7 +23,7 @@ def load_digits_splits(holdout: int = 297):
     from sklearn.datasets import load_digits
 
     if not 0 < holdout < NUM_DIGITS:
-        raise ValueError(f"data.holdout must be in (0, {NUM_DIGITS}), got {holdout}")
+        raise ConfigError(f"data.holdout must be in (0, {NUM_DIGITS}), got {holdout}")
     digits = load_digits()
     images = (digits.images.astype(np.float32) / 8.0 - 1.0)[..., None]
     labels = digits.target.astype(np.int32)
@@ -40,7 +42,7 @@ class DigitsBatches:
 
     def __init__(self, images, labels, *, batch_size, seed, process_index=0, process_count=1):
         if batch_size % process_count:
-            raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} hosts")
+            raise ConfigError(f"batch_size {batch_size} is not divisible by {process_count} hosts")
         self.images, self.labels = images, labels
         self.batch_size, self.seed = batch_size, seed
         self.process_index, self.process_count = process_index, process_count

@@ -11,57 +11,57 @@ disk is complete). When the last process finishes it writes index.json, which ma
 readable by `scm_jax.data.latents.build_latent_batches`. Each shard stores the raw posterior
 mean and std (so training can use the mean or a fresh posterior sample) and the labels; the
 paper's normalization is applied at read time. The output directory must be shared by all
-processes (e.g. an NFS/Filestore mount) for index.json to see every shard.
+processes (an NFS/Filestore mount, or a gs:// bucket: every path goes through
+`scm_jax.files`) for index.json to see every shard.
 """
 import hashlib
-import json
+import io
 import os
-import shutil
 import time
 
 import numpy as np
 
-from scm_jax.data.latents import ARRAYS, FORMAT, INDEX_FILE, LATENT_MEAN, LATENT_STD
+from scm_jax import files
+from scm_jax.data.latents import ARRAYS, FORMAT, INDEX_FILE, LATENT_MEAN, LATENT_STD, load_shard_array
+from scm_jax.errors import ConfigError
 
 CONFIG_FILE = "encode_config.json"
 STORAGE_DTYPES = ("float32", "float16")
 
 
-def _write_json(path: str, obj) -> None:
-    """Atomic: readers see the old file or the whole new one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _write_shard(out_dir: str, name: str, arrays: dict) -> None:
-    """Writes <name>/{mean,std,label}.npy through a temporary directory and one rename."""
-    tmp = os.path.join(out_dir, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def _write_shard(out_dir, name: str, arrays: dict) -> None:
+    """Writes <name>/{mean,std,label}.npy through a temporary directory and one rename (on a
+    bucket a copy, after which a shard counts only with all its arrays present)."""
+    tmp = files.join(out_dir, f".tmp-{name}-{os.getpid()}")
+    if tmp.exists():
+        tmp.rmtree()
+    tmp.mkdir(parents=True)
     for key, value in arrays.items():
-        np.save(os.path.join(tmp, f"{key}.npy"), value)
-    os.rename(tmp, os.path.join(out_dir, name))
+        buffer = io.BytesIO()
+        np.save(buffer, value)
+        with (tmp / f"{key}.npy").open("wb") as f:
+            f.write(buffer.getvalue())
+    tmp.rename(files.join(out_dir, name))
 
 
-def _shard_count(out_dir: str, name: str) -> int | None:
-    """Examples in a finished shard, or None when it is not on disk."""
-    path = os.path.join(out_dir, name, "label.npy")
-    return len(np.load(path, mmap_mode="r")) if os.path.isfile(path) else None
+def _shard_count(out_dir, name: str) -> int | None:
+    """Examples in a finished shard, or None when it is not (wholly) on disk."""
+    shard = files.join(out_dir, name)
+    if not all((shard / f"{key}.npy").is_file() for key in ARRAYS):
+        return None
+    return len(load_shard_array(shard / "label.npy"))
 
 
-def _check_config(out_dir: str, config: dict) -> None:
-    path = os.path.join(out_dir, CONFIG_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+def _check_config(out_dir, config: dict) -> None:
+    path = files.join(out_dir, CONFIG_FILE)
+    if path.is_file():
+        old = files.read_json(path)
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if diff:
-            raise ValueError(f"{out_dir} was encoded with other settings {{key: (then, now)}}: "
-                             f"{diff}; re-run with the same settings or choose a new --out")
+            raise ConfigError(f"{out_dir} was encoded with other settings {{key: (then, now)}}: "
+                              f"{diff}; re-run with the same settings or choose a new --out")
     else:
-        _write_json(path, config)
+        files.write_json(path, config)
 
 
 def _check_batch(batch) -> tuple:
@@ -121,16 +121,16 @@ def encode_batches(batches, encode_fn, out_dir: str, *, shard_batches: int = 32,
         raise ValueError(f"shard_batches must be >= 1, got {shard_batches}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
     _check_config(out_dir, dict(settings or {}, shard_batches=shard_batches,
                                 process_count=process_count, storage_dtype=storage_dtype))
     metadata = dict(metadata or {})
-    for entry in os.listdir(out_dir):   # shards a killed run of this process left half-written
-        if entry.startswith(f".tmp-p{process_index:05d}-"):
-            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
-    done_path = os.path.join(out_dir, f"p{process_index:05d}.done.json")
+    for entry in files.path(out_dir).iterdir():   # shards a killed run of this process left
+        if entry.name.startswith(f".tmp-p{process_index:05d}-"):
+            entry.rmtree()
+    done_path = files.join(out_dir, f"p{process_index:05d}.done.json")
     tag = f"encode p{process_index}/{process_count}"
-    if os.path.isfile(done_path):
+    if done_path.is_file():
         log(f"[{tag}] already done ({done_path})")
         return finalize(out_dir, process_count, metadata)
 
@@ -181,31 +181,29 @@ def encode_batches(batches, encode_fn, out_dir: str, *, shard_batches: int = 32,
     progress.update(0, encoded=False, force=True)
 
     if latent_shape is None and shards:   # every shard skipped: read the shape back
-        latent_shape = list(np.load(os.path.join(out_dir, shards[0]["name"], "mean.npy"),
-                                    mmap_mode="r").shape[1:])
-    _write_json(done_path, dict(shards=shards, latent_shape=latent_shape, image_size=image_size))
+        latent_shape = list(load_shard_array(files.join(out_dir, shards[0]["name"], "mean.npy"))
+                            .shape[1:])
+    files.write_json(done_path, dict(shards=shards, latent_shape=latent_shape, image_size=image_size))
     log(f"[{tag}] done: {sum(s['count'] for s in shards)} images in {len(shards)} shards")
     return finalize(out_dir, process_count, metadata)
 
 
-def finalize(out_dir: str, process_count: int, metadata: dict) -> dict | None:
+def finalize(out_dir, process_count: int, metadata: dict) -> dict | None:
     """Writes index.json once every process has written its done file (the last one does it)."""
-    done = [os.path.join(out_dir, f"p{p:05d}.done.json") for p in range(process_count)]
-    if not all(os.path.isfile(p) for p in done):
+    done = [files.join(out_dir, f"p{p:05d}.done.json") for p in range(process_count)]
+    if not all(p.is_file() for p in done):
         return None
     shards, shapes = [], set()
     for path in done:
-        with open(path) as f:
-            part = json.load(f)
+        part = files.read_json(path)
         shards += part["shards"]
         if part["latent_shape"] is not None:
             shapes.add((tuple(part["image_size"]), tuple(part["latent_shape"])))
     if len(shapes) != 1:
-        raise ValueError(f"{out_dir}: processes encoded (image size, latent shape) pairs "
+        raise ConfigError(f"{out_dir}: processes encoded (image size, latent shape) pairs "
                          f"{sorted(shapes)}; expected one pair")
     image_size, latent_shape = shapes.pop()
-    with open(os.path.join(out_dir, CONFIG_FILE)) as f:
-        config = json.load(f)
+    config = files.read_json(files.join(out_dir, CONFIG_FILE))
     index = dict(
         format=FORMAT,
         num_examples=sum(s["count"] for s in shards),
@@ -223,7 +221,7 @@ def finalize(out_dir: str, process_count: int, metadata: dict) -> dict | None:
     )
     for key, value in metadata.items():   # recorded facts never override the format's own keys
         index.setdefault(key, value)
-    _write_json(os.path.join(out_dir, INDEX_FILE), index)
+    files.write_json(files.join(out_dir, INDEX_FILE), index)
     return index
 
 

@@ -1,7 +1,7 @@
 """Pixel preprocessing shared by the image pipelines and the latent-encoding script.
 
-ImageNet images come in every size; the paper uses ADM's preprocessing, as EDM2 does (digest
-§7): repeatedly halve with a box filter while the short side is at least twice the target, then
+ImageNet images come in every size; the paper uses ADM's preprocessing, as EDM2 does (sCM
+App. G): repeatedly halve with a box filter while the short side is at least twice the target, then
 resize the short side to the target with a bicubic filter and take the center square. The
 halvings are kept, although PIL's bicubic filter antialiases on its own, so that the pixels are
 the ones those models were trained on.

@@ -1,7 +1,7 @@
 """Pixel-space image datasets through `tfds.data_source` (array_record) and grain; no TensorFlow.
 
     'cifar10'      TFDS cifar10, 32x32, 10 classes (unconditional in the paper; the label is kept)
-    'imagenet64'   TFDS imagenet2012, ADM preprocessing to 64x64, 1000 classes (digest §7)
+    'imagenet64'   TFDS imagenet2012, ADM preprocessing to 64x64, 1000 classes (sCM App. G)
     'imagenet512'  the same at 512x512, read by the latent-encoding script (not pixel training)
 
 Images are float32 [H, W, 3] in [-1, 1] (x / 127.5 - 1), labels int32. Nothing is ever
@@ -22,6 +22,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from scm_jax.errors import ConfigError, MissingInputError
 from scm_jax.data.image_preprocessing import adm_center_crop, uint8_to_unit_range
 from scm_jax.data.signed_iterator import SignedIterator
 
@@ -39,14 +40,14 @@ _IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 def image_data_config(name: str, **overrides) -> ml_collections.ConfigDict:
     """The `config.data` section of an image experiment; `overrides` replace defaults."""
     if name not in IMAGE_DATASETS:
-        raise ValueError(f"unknown image dataset {name!r}; expected one of "
+        raise ConfigError(f"unknown image dataset {name!r}; expected one of "
                          f"{sorted(IMAGE_DATASETS)}")
     cfg = ml_collections.ConfigDict(dict(
         name=name,
         **IMAGE_DATASETS[name],
         data_dir="",            # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
         split="train",          # any TFDS split string, e.g. 'validation' or 'train[:1%]'
-        sigma_d=0.5,            # data std of TrigFlow (EDM's value; digest §7)
+        sigma_d=0.5,            # data std of TrigFlow (EDM's value)
         random_flip=False,      # the paper uses no flips
         num_workers=0,          # grain worker processes; 0 = in-process
         read_threads=4,         # threads per process, each loading a whole batch
@@ -54,7 +55,7 @@ def image_data_config(name: str, **overrides) -> ml_collections.ConfigDict:
     ))
     unknown = sorted(set(overrides) - set(cfg.keys()))
     if unknown:
-        raise ValueError(f"unknown data config keys {unknown}; expected some of "
+        raise ConfigError(f"unknown data config keys {unknown}; expected some of "
                          f"{sorted(cfg.keys())}")
     cfg.update(overrides)
     validate_image_data_config(cfg)
@@ -65,7 +66,7 @@ def validate_image_data_config(cfg) -> None:
     """Raises ValueError naming the bad key, its value and what was expected."""
     def check(ok, key, expected):
         if not ok:
-            raise ValueError(f"data.{key} = {cfg[key]!r}; expected {expected}")
+            raise ConfigError(f"data.{key} = {cfg[key]!r}; expected {expected}")
 
     check(cfg.name in IMAGE_DATASETS, "name", f"one of {sorted(IMAGE_DATASETS)}")
     check(isinstance(cfg.tfds_name, str) and cfg.tfds_name, "tfds_name", "a TFDS dataset name")
@@ -114,10 +115,10 @@ def _raise_if_not_prepared(data_config, err: Exception) -> None:
         return
     root = str(builder.data_dir_root)
     if not builder.is_prepared():
-        raise FileNotFoundError(_prepare_instructions(name, root, builder)) from err
+        raise MissingInputError(_prepare_instructions(name, root, builder)) from err
     formats = sorted(f.value for f in builder.info.available_file_formats())
     if "array_record" not in formats:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"TFDS dataset {name!r} is prepared at {builder.data_dir} in format {formats}, but "
             f"training reads array_record files (random access, no TensorFlow), and none are "
             f"there. Rebuild it in array_record format into another data_dir (or delete "
@@ -228,7 +229,7 @@ def build_image_batches(data_config, *, batch_size: int, seed: int, process_inde
     """
     validate_image_data_config(data_config)
     if not isinstance(batch_size, int) or batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"batch_size = {batch_size!r}; expected a positive int divisible by "
+        raise ConfigError(f"batch_size = {batch_size!r}; expected a positive int divisible by "
                          f"process_count = {process_count}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index = {process_index} not in "
@@ -242,7 +243,7 @@ def build_image_batches(data_config, *, batch_size: int, seed: int, process_inde
     source = image_source(data_config)
     num_records = len(source)
     if num_records == 0:
-        raise ValueError(f"TFDS split {data_config.split!r} of {data_config.tfds_name!r} is empty")
+        raise ConfigError(f"TFDS split {data_config.split!r} of {data_config.tfds_name!r} is empty")
     # Independent 32-bit seeds (grain's index_shuffle and RngPool want < 2**32) for any int seed.
     shuffle_seed, flip_seed = (int(s) for s in np.random.SeedSequence(int(seed)).generate_state(2))
 

@@ -1,11 +1,11 @@
 """ImageNet 512x512 in SD-VAE latent space: normalization, the encoded shards, training batches.
 
-Latent normalization (sCM App. G / digest §7): images in [-1, 1] are encoded by
+Latent normalization (sCM App. G): images in [-1, 1] are encoded by
 `stabilityai/sd-vae-ft-mse` into raw latents z [64, 64, 4]; the network sees
     x = (z - mu_c) * sigma_d / sigma_c,   mu_c = [1.56, -0.695, 0.483, 0.729],
                                            sigma_c = [5.27, 5.91, 4.21, 4.31],  sigma_d = 0.5,
 and generated x are mapped back with the inverse before decoding. (EDM2's constants differ: it
-encodes [0, 1] images; digest §9.12.)
+encodes [0, 1] images.)
 
 On disk (written by `python -m scm_jax.data.encode_latents`; see that module):
     <path>/index.json                       shapes, counts, shard list, VAE file, constants
@@ -13,7 +13,7 @@ On disk (written by `python -m scm_jax.data.encode_latents`; see that module):
 Arrays are read with memory mapping, so the dataset never has to fit in host memory.
 """
 import functools
-import json
+import io
 import os
 import threading
 
@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from scm_jax import files
+from scm_jax.errors import ConfigError, MissingInputError
 from scm_jax.data.signed_iterator import SignedIterator
 from scm_jax.networks.vae import AutoencoderKL
 
-# Paper constants (digest §7): per-channel mean and std of sd-vae-ft-mse latents of [-1, 1] images.
+# Paper constants (sCM App. G): per-channel mean and std of sd-vae-ft-mse latents of [-1, 1] images.
 LATENT_MEAN = np.array([1.56, -0.695, 0.483, 0.729])
 LATENT_STD = np.array([5.27, 5.91, 4.21, 4.31])
 LATENT_SHAPE = (64, 64, 4)   # of a 512x512 image
@@ -37,7 +39,7 @@ ENCODE_COMMAND = ("python -m scm_jax.data.encode_latents --vae=<path to sd-vae-f
                   "diffusion_pytorch_model.safetensors> --data_dir=<TFDS data dir> --out={path}")
 
 
-# x = (z - mu_c) * sigma_d / sigma_c (digest §7): unit-free latents with std ~sigma_d per channel.
+# x = (z - mu_c) * sigma_d / sigma_c (sCM App. G): unit-free latents with std ~sigma_d per channel.
 def normalize_latents(z, sigma_d: float = 0.5):
     """Raw VAE latents z [..., 4] -> the network's data space x [..., 4], in z's dtype."""
     mean, std = _constants(z)
@@ -72,29 +74,38 @@ def latent_data_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _missing(path: str, why: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _missing(path: str, why: str) -> MissingInputError:
+    return MissingInputError(
         f"encoded latents at {path!r} are missing or incomplete ({why}). Create them with "
         f"`{ENCODE_COMMAND.format(path=path)}`; re-running the same command finishes an "
         f"interrupted encoding.")
 
 
-def read_index(path: str) -> dict:
-    """The JSON index of an encoded directory; FileNotFoundError if absent or incomplete."""
-    index_path = os.path.join(path, INDEX_FILE)
-    if not os.path.isdir(path):
+def read_index(path) -> dict:
+    """The JSON index of an encoded directory; MissingInputError if absent or incomplete."""
+    root = files.path(path)
+    index_path = root / INDEX_FILE
+    if not root.is_dir():
         raise _missing(path, "no such directory")
-    if not os.path.isfile(index_path):
+    if not index_path.is_file():
         raise _missing(path, f"no {INDEX_FILE}: the encoding has not finished on every process")
-    with open(index_path) as f:
-        index = json.load(f)
+    index = files.read_json(index_path)
     if index.get("format") != FORMAT:
-        raise ValueError(f"{index_path} has format {index.get('format')!r}, expected {FORMAT!r}")
+        raise ConfigError(f"{index_path} has format {index.get('format')!r}, expected {FORMAT!r}")
     for shard in index["shards"]:
         for name in ARRAYS:
-            if not os.path.isfile(os.path.join(path, shard["name"], f"{name}.npy")):
+            if not (root / shard["name"] / f"{name}.npy").is_file():
                 raise _missing(path, f"shard {shard['name']} has no {name}.npy")
     return index
+
+
+def load_shard_array(path):
+    """A shard's .npy: memory-mapped on a local disk; read whole from a bucket (where a
+    memory map is impossible: copy large latent sets to local disk for speed)."""
+    if files.is_local(path):
+        return np.load(os.fspath(path), mmap_mode="r")
+    with files.path(path).open("rb") as f:
+        return np.load(io.BytesIO(f.read()))
 
 
 class LatentSource:
@@ -122,8 +133,8 @@ class LatentSource:
             with self._lock:
                 if k not in self._arrays:
                     shard = self.index["shards"][k]
-                    arrays = {n: np.load(os.path.join(self.path, shard["name"], f"{n}.npy"),
-                                         mmap_mode="r") for n in ARRAYS}
+                    arrays = {n: load_shard_array(files.join(self.path, shard["name"], f"{n}.npy"))
+                              for n in ARRAYS}
                     shape = (shard["count"], *self.index["latent_shape"])
                     if arrays["mean"].shape != shape or arrays["std"].shape != shape or \
                             arrays["label"].shape != shape[:1]:
@@ -162,29 +173,28 @@ def build_latent_batches(data_config, *, batch_size: int, seed: int, process_ind
     so the hosts' rows are disjoint and together form the global batch.
 
     `sample_posterior=True` (the default) trains on z = mean + std * eps with eps drawn afresh
-    for every (epoch, example) from the seed and the stream position, as EDM2 does (digest §7,
-    §9.12): each image contributes a slightly different latent every epoch, a free augmentation
+    for every (epoch, example) from the seed and the stream position, as EDM2 does: each image contributes a slightly different latent every epoch, a free augmentation
     along the directions the VAE itself considers equivalent, and the model learns the
     distribution the decoder was trained to invert. `False` uses the posterior mean.
     """
     import grain
 
     if data_config.name != "imagenet512_latents":
-        raise ValueError(f"data.name {data_config.name!r} is not 'imagenet512_latents'")
+        raise ConfigError(f"data.name {data_config.name!r} is not 'imagenet512_latents'")
     if not data_config.path:
-        raise ValueError("data.path is empty; expected the directory written by "
+        raise ConfigError("data.path is empty; expected the directory written by "
                          "`python -m scm_jax.data.encode_latents`")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed = {seed!r}; expected an int >= 0")
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} must be a positive multiple of the "
+        raise ConfigError(f"batch_size {batch_size} must be a positive multiple of the "
                          f"{process_count} processes")
     source = LatentSource(data_config.path)
     size = source.index["image_size"]
     if size != [data_config.resolution] * 2:
-        raise ValueError(f"data.resolution = {data_config.resolution} but {data_config.path} "
+        raise ConfigError(f"data.resolution = {data_config.resolution} but {data_config.path} "
                          f"holds latents of {size[0]}x{size[1]} images")
     sigma_d = float(data_config.sigma_d)
 

@@ -6,6 +6,8 @@ drifting. Shared by the image (`images.py`) and latent (`latents.py`) datasets.
 """
 import json
 
+from scm_jax.errors import CheckpointMismatchError
+
 
 class SignedIterator:
     """next(it) -> the dataset's next batch; get_state() -> JSON dict; set_state(state)."""
@@ -27,10 +29,10 @@ class SignedIterator:
     def set_state(self, state: dict) -> None:
         if not isinstance(state, dict) or "grain" not in state:
             article = "an" if self.kind[0] in "aeiou" else "a"
-            raise ValueError(f"not {article} {self.kind} data-iterator state (no 'grain' entry): "
+            raise CheckpointMismatchError(f"not {article} {self.kind} data-iterator state (no 'grain' entry): "
                              f"{state!r}")
         for key, value in self._signature.items():
             if state.get(key) != value:
-                raise ValueError(f"data-iterator state has {key}={state.get(key)!r} but this "
+                raise CheckpointMismatchError(f"data-iterator state has {key}={state.get(key)!r} but this "
                                  f"pipeline has {key}={value!r}; it belongs to another pipeline")
         self._iter.set_state(state["grain"])

@@ -5,7 +5,6 @@ Training is deterministic given the seed: the batch order and augmentation come 
 np.random.default_rng(seed), the init from jax.random.key(seed), and every step runs the
 same compiled XLA program.
 """
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -14,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from scm_jax import files
 
 NUM_CLASSES = 10
 FEATURE_DIM = 128
@@ -160,23 +161,17 @@ def classifier_predict(params: ClassifierParams, images: np.ndarray) -> np.ndarr
     return logits.argmax(axis=-1).astype(np.int32)
 
 
-def save_classifier(params: ClassifierParams, path: str) -> None:
-    """Writes params as flax msgpack; via path + '.tmp' and os.replace so readers never
-    see a half-written file."""
-    data = flax.serialization.to_bytes(jax.device_get(params))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def save_classifier(params: ClassifierParams, path) -> None:
+    """Writes params as flax msgpack, atomically (readers never see a half-written file)."""
+    files.write_bytes(path, flax.serialization.to_bytes(jax.device_get(params)))
 
 
-def load_classifier(path: str) -> ClassifierParams:
+def load_classifier(path) -> ClassifierParams:
     """Reads params written by save_classifier, checking them against DigitsCNN's layout."""
-    if not os.path.exists(path):
+    path = str(path)
+    if not files.exists(path):
         raise FileNotFoundError(f"no digits classifier file at {path!r}")
-    with open(path, "rb") as f:
+    with files.path(path).open("rb") as f:
         data = f.read()
     template = _init_params(0)
     try:
@@ -197,14 +192,17 @@ def load_classifier(path: str) -> ClassifierParams:
 
 
 def load_or_train_classifier(
-    path: str, images: np.ndarray, labels: np.ndarray, *, seed: int = 0, **train_kwargs
+    path, images: np.ndarray, labels: np.ndarray, *, seed: int = 0, save: bool = True,
+    **train_kwargs
 ) -> ClassifierParams:
-    """Loads the classifier at path if the file exists, else trains one and saves it there.
+    """Loads the classifier at path if the file exists, else trains one (deterministically)
+    and, with `save`, writes it there (on a multi-process run only the primary saves).
 
     train_kwargs (steps, batch_size, ...) go to `train_classifier`.
     """
-    if os.path.exists(path):
+    if files.exists(path):
         return load_classifier(path)
     params = train_classifier(images, labels, seed=seed, **train_kwargs)
-    save_classifier(params, path)
+    if save:
+        save_classifier(params, path)
     return params

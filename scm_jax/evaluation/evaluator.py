@@ -3,9 +3,9 @@
 Images are float [N, 8, 8, 1] in [-1, 1]; labels int [N] in 0..9. Features are the
 classifier's penultimate activations [N, 128].
 """
-import os
-
 import numpy as np
+
+from scm_jax import files
 
 from scm_jax.evaluation.digits_classifier import (
     IMAGE_SHAPE,
@@ -95,11 +95,10 @@ class DigitsEvaluator:
 
     def evaluate_npz(self, path: str) -> dict:
         """`evaluate` on an .npz file with 'images' [M, 8, 8, 1] and optionally 'labels' [M]."""
-        if not os.path.exists(path):
+        if not files.exists(path):
             raise FileNotFoundError(f"no samples file at {path!r}")
-        with np.load(path) as data:
-            if "images" not in data.files:
-                raise ValueError(f"{path!r} has no 'images' array (keys: {sorted(data.files)})")
-            images = data["images"]
-            labels = data["labels"] if "labels" in data.files else None
+        data = files.load_npz(path)
+        if "images" not in data:
+            raise ValueError(f"{path!r} has no 'images' array (keys: {sorted(data)})")
+        images, labels = data["images"], data.get("labels")
         return self.evaluate(images, labels)

@@ -429,7 +429,7 @@ def attention_flops(b, n, m, h, d, *, jvp=True) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# shard_map wrapper: Mosaic kernels are not auto-partitioned (DESIGN.md §3).
+# shard_map wrapper: Mosaic kernels are not auto-partitioned by XLA's SPMD partitioner.
 # ----------------------------------------------------------------------------------------------
 
 def sharded_attention_jvp(q, k, v, dq, dk=None, dv=None, *, mesh, kv_mask=None,

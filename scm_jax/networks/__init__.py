@@ -8,6 +8,7 @@ guidance: [B] CFG scales; it returns F with x's shape, in float32.
 import jax.numpy as jnp
 import ml_collections
 
+from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import ATTENTION_IMPLS
 from scm_jax.networks.layers import AdaptiveWeight
 from scm_jax.networks import ddpmpp, dit, edm2, unet
@@ -28,16 +29,38 @@ def build_network(model: ml_collections.ConfigDict, *, dropout: float | None = N
     """
     dtype = model.dtype if dtype is None else dtype
     if model.name not in BACKBONES:
-        raise ValueError(f"unknown model.name {model.name!r}; expected one of {sorted(BACKBONES)}")
+        raise ConfigError(f"unknown model.name {model.name!r}; expected one of {sorted(BACKBONES)}")
     if dtype not in DTYPES:
-        raise ValueError(f"unknown model dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown model dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     if model.attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model.attention_impl {model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     rate = model.dropout if dropout is None else dropout
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {rate}")
+        raise ConfigError(f"dropout must be in [0, 1), got {rate}")
     return BACKBONES[model.name].from_config(model, dropout=rate, dtype=DTYPES[dtype])
+
+
+# Entries of config.model that do not change what a checkpoint's parameters mean: how the
+# network is computed (dtype, attention kernel) and how it is regularized (dropout).
+NON_IDENTITY_KEYS = ("attention_impl", "dtype", "dropout", "dropout_max_resolution")
+
+
+def validate_model_config(model: ml_collections.ConfigDict) -> None:
+    """Checks config.model before anything runs: the shared entries here, then the backbone's
+    own (`from_config` builds the module, which allocates nothing). Raises ConfigError."""
+    for key in ("channels", "num_blocks", "hidden_size", "depth"):   # whichever the backbone has
+        if key in model and not (isinstance(model[key], int) and model[key] > 0):
+            raise ConfigError(f"config.model.{key} = {model[key]!r} is invalid: expected a "
+                              f"positive integer")
+    if model.get("num_classes", 0) < 0:
+        raise ConfigError(f"config.model.num_classes = {model.num_classes!r} is invalid: "
+                          f"expected >= 0 (0: unconditional)")
+    channels = model.get("weight_channels", 4)
+    if not (isinstance(channels, int) and channels >= 4 and channels % 2 == 0):
+        raise ConfigError(f"config.model.weight_channels = {channels!r} is invalid: expected an "
+                          f"even integer >= 4 (the adaptive weighting's embedding width)")
+    build_network(model)
 
 
 def bind_apply(module, *, train: bool):
@@ -55,4 +78,5 @@ def bind_apply(module, *, train: bool):
     return net_fn
 
 
-__all__ = ["AdaptiveWeight", "BACKBONES", "UNet", "bind_apply", "build_network"]
+__all__ = ["AdaptiveWeight", "BACKBONES", "NON_IDENTITY_KEYS", "UNet", "bind_apply",
+           "build_network", "validate_model_config"]

@@ -6,8 +6,8 @@
 - 'pallas': a `jax.custom_jvp` whose primal is XLA attention and whose JVP rule runs the fused
   forward+JVP Pallas kernel (`scm_jax.kernels.flash_jvp`, sCM App. F), O(N) memory. It is
   for the tangent pass of the sCM loss only: `jax.grad` would transpose the JVP rule, and a
-  `pallas_call` has no transpose rule, so `train_step.build_stage` gives the differentiated
-  network 'xla' whatever the config says (DESIGN.md §3).
+  `pallas_call` has no transpose rule, so `objectives.Objective` gives the differentiated
+  network 'xla' whatever the config says.
 - 'auto': 'pallas' on TPU and GPU, 'xla' on CPU (where the kernel only runs in the slow
   interpreter). The paper configs use it, so the fused kernel is the tangent pass's default on
   accelerators.
@@ -19,12 +19,10 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from scm_jax.errors import ConfigError
 from scm_jax.kernels import flash_jvp as kernel
 
 ATTENTION_IMPLS = ("xla", "pallas", "auto")
-# A mesh axis of this name splits the heads in the kernel's shard_map; every other axis of the
-# context mesh splits the batch.
-HEAD_AXIS = "model"
 
 
 def dot_product_attention(q, k, v, kv_mask=None):
@@ -68,18 +66,15 @@ def fused_attention_jvp(q, k, v, dq, dk=None, dv=None, *, kv_mask=None, backend=
     """(O, dO) by the fused kernel, under `shard_map` over the context mesh when there is one.
 
     Inside `jax.set_mesh(mesh)` (the training step's mesh), the batch is split over every mesh
-    axis but HEAD_AXIS and the heads over HEAD_AXIS: Mosaic kernels are not auto-partitioned.
+    axis not already manual; heads stay whole (Mosaic kernels are not auto-partitioned).
     """
     mesh = jax.sharding.get_abstract_mesh()
     # Already inside a shard_map over every mesh axis (all Manual): the arrays are local.
     if mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names):
         return kernel.attention_jvp(q, k, v, dq, dk, dv, kv_mask=kv_mask, backend=backend)
-    head_axis = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
-    batch_axes = tuple(a for a in mesh.axis_names
-                       if a != head_axis and a not in mesh.manual_axes)
+    batch_axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
     return kernel.sharded_attention_jvp(q, k, v, dq, dk, dv, mesh=mesh, kv_mask=kv_mask,
-                                        batch_axes=batch_axes, head_axis=head_axis,
-                                        backend=backend)
+                                        batch_axes=batch_axes, head_axis=None, backend=backend)
 
 
 def attention(q, k, v, *, impl: str = "xla", kv_mask=None):
@@ -105,7 +100,7 @@ def resolve_attention_impl(impl: str) -> str:
 
 def check_attention_impl(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+        raise ConfigError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     return impl
 
 

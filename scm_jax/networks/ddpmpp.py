@@ -6,7 +6,7 @@ attention at 16x16 (and in the first middle block), positional noise embedding
 (endpoint=True, 128 channels), a 512-wide embedding MLP, [1, 1] resampling (2x2 box filter down,
 nearest up) with 1x1 resampling skip convs, skip scale 1/sqrt(2), GroupNorm(min(32, C/4), eps
 1e-6), Xavier-uniform init with the last conv of every block, of every attention projection and
-of the output zero-initialized. The sCM changes (Sec. 4.1, digest §3.1-3.3, §9.9):
+of the output zero-initialized. The sCM changes (Sec. 4.1):
 
 - time input c_noise(t) = t in radians through `layers.positional_embedding`, in float32;
 - ADN in every residual block in place of DDPM++'s additive embedding:
@@ -27,8 +27,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import at_least_f32, check_inputs, pixel_norm, positional_embedding
+from scm_jax.networks.layers import (adaptive_double_norm, at_least_f32, check_inputs,
+                                    positional_embedding)
 
 MODULATIONS = ("adn", "additive")
 CONV_AXES = ("conv_height", "conv_width", "embed_in", "embed_out")
@@ -111,9 +113,7 @@ class UNetBlock(nn.Module):
         emb_dtype = at_least_f32(dt)
         if self.modulation == "adn":
             scale, shift = jnp.split(_dense(2 * cout, "affine", emb_dtype)(emb), 2, axis=-1)
-            h = _group_norm(cout, "norm1", dt, affine=False)(h)
-            h = (h * pixel_norm(scale)[:, None, None, :].astype(h.dtype)
-                 + pixel_norm(shift)[:, None, None, :].astype(h.dtype))
+            h = adaptive_double_norm(_group_norm(cout, "norm1", dt, affine=False)(h), scale, shift)
         else:
             params = _dense(cout, "affine", emb_dtype)(emb)[:, None, None, :].astype(h.dtype)
             h = _group_norm(cout, "norm1", dt)(h + params)
@@ -257,10 +257,10 @@ def from_config(model, *, dropout: float, dtype) -> DDPMPP:
     """
     missing = [k for k in CONFIG_KEYS if k not in model]
     if missing:
-        raise ValueError(f"config.model is missing {missing}, needed by the DDPM++ backbone "
+        raise ConfigError(f"config.model is missing {missing}, needed by the DDPM++ backbone "
                          f"(it reads {list(CONFIG_KEYS)})")
     if model.modulation not in MODULATIONS:
-        raise ValueError(f"model.modulation = {model.modulation!r}; expected one of {MODULATIONS}")
+        raise ConfigError(f"model.modulation = {model.modulation!r}; expected one of {MODULATIONS}")
     return DDPMPP(
         channels=model.channels, channel_mult=tuple(model.channel_mult),
         num_blocks=model.num_blocks, attn_resolutions=tuple(model.attn_resolutions),

@@ -11,7 +11,7 @@ The sCM changes:
   time embedding).
 - adaptive double normalization in place of adaLN (`modulation='adn'`, the default):
   LN(x) * (1 + scale) + shift  becomes  LN(x) * pnorm(scale) + pnorm(shift), pnorm over channels
-  (digest §3.3). The gates of adaLN-Zero stay as they are: a plain linear map of c, zero-
+  (sCM Sec. 4.1). The gates of adaLN-Zero stay as they are: a plain linear map of c, zero-
   initialized, *not* pixel-normalized. Why:
     * the gates are what makes each block start as the identity (x + 0 * branch); pnorm would
       pin their RMS to 1 forever, so no block could start as (or return to) the identity;
@@ -23,8 +23,8 @@ The sCM changes:
   outputs per block, 2D in the final layer). `modulation='adaln'` is DiT's adaLN-Zero, kept to
   check parameter counts against the published S/B/L/XL sizes.
 - optional QK normalization (`qk_norm`): RMSNorm with a learned gain over each head's q and k,
-  which later sCM work found stabilizing (SANA-Sprint adopts it with c_noise = t; digest
-  §9.10). Off by default.
+  which later sCM work found stabilizing (SANA-Sprint adopts it with c_noise = t). Off by
+  default.
 
 Attention goes through `attention.attention(q, k, v, impl=attention_impl)`, q: [B, N, H, D]:
 this is the backbone where the fused attention+JVP kernel matters. Weights carry logical axis
@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
 from scm_jax.networks.layers import at_least_f32, check_inputs, pixel_norm, positional_embedding
 
@@ -47,6 +48,7 @@ XAVIER = nn.initializers.xavier_uniform()
 ZEROS = nn.initializers.zeros
 EMBED_INIT = nn.initializers.normal(0.02)   # DiT: timestep MLP and label table
 
+SIZES = ("s", "b", "l", "xl")   # DiT's published sizes, all with patch 2
 PRESETS = {
     "xs": dict(hidden_size=32, depth=2, num_heads=2, patch_size=2),   # tiny, for tests
     "s": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
@@ -250,10 +252,10 @@ def from_config(model, *, dropout: float, dtype) -> DiT:
     """
     missing = [k for k in CONFIG_KEYS if k not in model]
     if missing:
-        raise ValueError(f"config.model is missing {missing}, needed by the DiT backbone "
+        raise ConfigError(f"config.model is missing {missing}, needed by the DiT backbone "
                          f"(it reads {list(CONFIG_KEYS)})")
     if model.modulation not in MODULATIONS:
-        raise ValueError(f"model.modulation = {model.modulation!r}; expected one of {MODULATIONS}")
+        raise ConfigError(f"model.modulation = {model.modulation!r}; expected one of {MODULATIONS}")
     return DiT(
         hidden_size=model.hidden_size, depth=model.depth, num_heads=model.num_heads,
         patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, num_classes=model.num_classes,

@@ -1,14 +1,14 @@
-"""The EDM2 U-Net (Karras et al. 2024, config G) with the sCM changes (sCM Sec. 4.1, digest §3).
+"""The EDM2 U-Net (Karras et al. 2024, config G) with the sCM changes (sCM Sec. 4.1).
 
 EDM2's magnitude-preserving U-Net (`mp_layers.py` holds the primitives), changed as sCM does:
 - the time input is c_noise(t) = t (radians) through a positional embedding (float32), in place
-  of MPFourier of EDM's log(sigma) / 4 (digest §3.1-3.2);
+  of MPFourier of EDM's log(sigma) / 4 (sCM Sec. 4.1, Eq. 7);
 - every block modulates with adaptive double normalization, h = norm(h) pnorm(s) + pnorm(b), in
-  place of EDM2's h (1 + emb_linear(emb)) (digest §3.3, §9.9); `modulation='edm2'` keeps EDM2's
+  place of EDM2's h (1 + emb_linear(emb)) (sCM Sec. 4.1); `modulation='edm2'` keeps EDM2's
   form, whose parameter counts are EDM2's published ones;
 - optional class labels (index num_classes is the null label of CFG dropout; it embeds as EDM2's
-  all-zero label vector) and an optional guidance-scale input (sCD students, digest §9.16);
-- dropout only in blocks at resolution <= dropout_max_resolution (digest §7).
+  all-zero label vector) and an optional guidance-scale input (sCD students, sCM Sec. 7);
+- dropout only in blocks at resolution <= dropout_max_resolution (sCM Tables 4/5).
 
 EDM2's logvar head is not part of the backbone (the package trains its own `AdaptiveWeight`).
 The network computes F in x_t / sigma_d space; preconditioning lives in `trigflow`. Forced weight
@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import at_least_f32, check_inputs, pixel_norm
+from scm_jax.networks.layers import adaptive_double_norm, at_least_f32, check_inputs
 from scm_jax.networks.mp_layers import (DENSE_AXES, MP_WEIGHT, MPConv, mp_cat,
                                         mp_positional_features, mp_silu, mp_sum, normalize,
                                         project_weight)
@@ -51,7 +52,7 @@ class Modulation(nn.Module):
     """Conditioning of a block's residual branch on the embedding. h: [B, H, W, C], emb: [B, E].
 
     'adn':  norm(h) * pnorm(s) + pnorm(b), (s, b) = split(MPLinear_2C(emb)) (sCM Sec. 4.1; no
-            "+1", digest §3.3). norm is EDM2's pixel norm: EDM2 blocks have no GroupNorm. pnorm
+            "+1", the formula taken literally). norm is EDM2's pixel norm: EDM2 blocks have no GroupNorm. pnorm
             makes a gain on the linear layer meaningless, so ADN has none.
     'edm2': h * (1 + MPLinear_C(emb, gain=emb_gain)), emb_gain zero at init (EDM2 Fig. 21).
     The linear layer runs in emb's precision (float32 at least); only the result is cast.
@@ -67,9 +68,7 @@ class Modulation(nn.Module):
             scale = MPConv(c, dtype=dtype, name="emb_linear")(emb, gain) + 1
             return h * scale[:, None, None, :].astype(h.dtype)
         scale, shift = jnp.split(MPConv(2 * c, dtype=dtype, name="emb_linear")(emb), 2, axis=-1)
-        scale = pixel_norm(scale)[:, None, None, :].astype(h.dtype)
-        shift = pixel_norm(shift)[:, None, None, :].astype(h.dtype)
-        return normalize(h, axis=-1) * scale + shift
+        return adaptive_double_norm(normalize(h, axis=-1), scale, shift)
 
 
 class MPSelfAttention(nn.Module):
@@ -281,6 +280,20 @@ PRESETS = {
     "xxl": dict(model_channels=448),
 }
 
+def preset_config(size: str) -> dict:
+    """config.model entries of PRESETS[size] (the architecture keys of `from_config`; the
+    defaults of `EDM2UNet` fill what the preset leaves out, 0 meaning "EDM2's rule")."""
+    preset = PRESETS[size]
+    return dict(
+        channels=preset["model_channels"],
+        channel_mult=tuple(preset.get("channel_mult", EDM2UNet.channel_mult)),
+        num_blocks=preset.get("num_blocks", EDM2UNet.num_blocks),
+        attn_resolutions=tuple(preset.get("attn_resolutions", EDM2UNet.attn_resolutions)),
+        channels_per_head=preset.get("channels_per_head", EDM2UNet.channels_per_head),
+        noise_channels=preset.get("noise_channels") or 0,
+        emb_channels=preset.get("emb_channels") or 0)
+
+
 CONFIG_KEYS = ("channels", "channel_mult", "num_blocks", "attn_resolutions", "channels_per_head",
                "num_classes", "guidance_input", "attention_impl", "dropout_max_resolution",
                "noise_channels", "modulation")
@@ -297,13 +310,13 @@ def from_config(model, *, dropout: float, dtype) -> EDM2UNet:
     """
     missing = [k for k in CONFIG_KEYS if k not in model]
     if missing:
-        raise ValueError(f"config.model lacks {missing}, which the edm2 backbone needs "
+        raise ConfigError(f"config.model lacks {missing}, which the edm2 backbone needs "
                          f"(it reads {list(CONFIG_KEYS)} and optionally emb_channels)")
     if model.modulation not in MODULATIONS:
-        raise ValueError(f"unknown model.modulation {model.modulation!r}; expected one of "
+        raise ConfigError(f"unknown model.modulation {model.modulation!r}; expected one of "
                          f"{MODULATIONS}")
     if model.dropout_max_resolution < 0:
-        raise ValueError(f"model.dropout_max_resolution must be >= 0 (0: everywhere), got "
+        raise ConfigError(f"model.dropout_max_resolution must be >= 0 (0: everywhere), got "
                          f"{model.dropout_max_resolution}")
     return EDM2UNet(
         model_channels=model.channels,

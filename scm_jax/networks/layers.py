@@ -1,8 +1,8 @@
 """Building blocks shared by the backbones: time embedding, ADN, conditioning.
 
-All embedding math runs in float32 whatever the compute dtype (DESIGN.md §3, digest §9.4): the
-sCM tangent differentiates through the time embedding, and its derivative is what Sec. 4.1 of the
-paper stabilizes. (float64 stays float64, for the finite-difference tests.)
+All embedding math runs in float32 whatever the compute dtype: the sCM tangent differentiates
+through the time embedding, and its derivative is what sCM Sec. 4.1 stabilizes (Eq. 7).
+(float64 stays float64, for the finite-difference tests.)
 """
 import flax.linen as nn
 import jax
@@ -62,13 +62,18 @@ def pixel_norm(a: jax.Array, eps: float = 1e-8) -> jax.Array:
     return (a32 * jax.lax.rsqrt(jnp.mean(a32**2, axis=-1, keepdims=True) + eps)).astype(a.dtype)
 
 
-class AdaptiveDoubleNorm(nn.Module):
-    """Adaptive double normalization: y = norm(h) * pnorm(s(emb)) + pnorm(b(emb)) (sCM Sec. 4.1).
+# ADN (sCM Sec. 4.1): y = norm(h) * pnorm(s(emb)) + pnorm(b(emb)), the paper's formula taken
+# literally (no "+1" on the scale). The one copy every U-Net block uses.
+def adaptive_double_norm(h_normed: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+    """h_normed [B, ..., C] (already normalized), scale and shift [B, C] -> [B, ..., C]."""
+    expand = (slice(None),) + (None,) * (h_normed.ndim - 2) + (slice(None),)
+    return (h_normed * pixel_norm(scale)[expand].astype(h_normed.dtype)
+            + pixel_norm(shift)[expand].astype(h_normed.dtype))
 
-    norm is a GroupNorm without affine parameters; s and b come from one Dense of width 2C on
-    the embedding. No "+1" on the scale: the paper's formula taken literally (digest §3.3).
-    h: [B, H, W, C]; emb: [B, E] -> [B, H, W, C].
-    """
+
+class AdaptiveDoubleNorm(nn.Module):
+    """ADN with a GroupNorm without affine parameters; s and b come from one Dense of width 2C
+    on the embedding. h: [B, H, W, C]; emb: [B, E] -> [B, H, W, C]."""
 
     groups: int = 8
     dtype: jnp.dtype = jnp.float32
@@ -79,19 +84,16 @@ class AdaptiveDoubleNorm(nn.Module):
         h = nn.GroupNorm(num_groups=min(self.groups, channels), use_bias=False, use_scale=False,
                          dtype=self.dtype, name="norm")(h)
         scale_shift = nn.Dense(2 * channels, dtype=at_least_f32(self.dtype), name="affine")(emb)
-        scale, shift = jnp.split(scale_shift, 2, axis=-1)
-        scale = pixel_norm(scale)[:, None, None, :].astype(h.dtype)
-        shift = pixel_norm(shift)[:, None, None, :].astype(h.dtype)
-        return h * scale + shift
+        return adaptive_double_norm(h, *jnp.split(scale_shift, 2, axis=-1))
 
 
 class ConditioningEmbedding(nn.Module):
     """Embedding of time, class label and (optionally) guidance scale: [B] inputs -> [B, E].
 
-    emb = MLP(pos(c_noise(t))) + Embed(y) + Dense(pos(s)). Class index `num_classes` is the
-    null label used for classifier-free guidance dropout. The guidance scale enters through its
-    own positional embedding and a linear layer, added to the time embedding (digest §9.16);
-    it is a constant in the sCM JVP (zero tangent).
+    emb = MLP(pos(t)) + Embed(y) + Dense(pos(s)). Class index `num_classes` is the null label
+    used for classifier-free guidance dropout. The guidance scale enters through its own
+    positional embedding and a linear layer, added to the time embedding (sCM Sec. 7); it is a
+    constant in the sCM JVP (zero tangent). The backbone checks the inputs (`check_inputs`).
     """
 
     emb_channels: int
@@ -105,14 +107,8 @@ class ConditioningEmbedding(nn.Module):
         emb = nn.Dense(self.emb_channels, name="time_dense0")(emb)
         emb = nn.Dense(self.emb_channels, name="time_dense1")(nn.silu(emb))
         if self.num_classes:
-            if y is None:
-                raise ValueError("this network is class-conditional: pass labels y of shape [B]")
             emb = emb + nn.Embed(self.num_classes + 1, self.emb_channels, name="class_embed")(y)
-        elif y is not None:
-            raise ValueError("labels were given to an unconditional network (model.num_classes=0)")
         if self.guidance_input:
-            if guidance is None:
-                raise ValueError("this network takes a guidance scale: pass guidance of shape [B]")
             g = positional_embedding(jnp.broadcast_to(guidance, t.shape), self.noise_channels)
             # Zero-initialized so a student initialized from an unguided teacher starts identical to it.
             emb = emb + nn.Dense(self.emb_channels, kernel_init=nn.initializers.zeros,
@@ -124,8 +120,8 @@ class AdaptiveWeight(nn.Module):
     """The learned loss weighting w_phi(t) of EDM2 / sCM Eq. 8: [B] times -> [B] log-weights.
 
     A positional embedding of t and one zero-initialized linear layer, so training starts from
-    w = 0 (uniform weighting). Sign convention w_phi = -logvar (digest §9.15). Trained freshly in
-    every stage; the tangent never passes through it.
+    w = 0 (uniform weighting). Sign convention w_phi = -logvar of EDM2 (App. D). Trained
+    freshly in every stage; the tangent never passes through it.
     """
 
     channels: int = 128

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax.networks.attention import SelfAttention
-from scm_jax.networks.layers import AdaptiveDoubleNorm, ConditioningEmbedding, at_least_f32
+from scm_jax.networks.layers import (AdaptiveDoubleNorm, ConditioningEmbedding, at_least_f32,
+                                    check_inputs)
 
 
 class ResBlock(nn.Module):
@@ -65,10 +66,8 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, y=None, guidance=None, *, train: bool = False):
-        if x.ndim != 4:
-            raise ValueError(f"expected x of shape [B, H, W, C], got {x.shape}")
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"expected t of shape [B]={x.shape[:1]}, got {t.shape}")
+        check_inputs(x, t, y, guidance, num_classes=self.num_classes,
+                     guidance_input=self.guidance_input)
         emb = ConditioningEmbedding(self.emb_channels, self.noise_channels, self.num_classes,
                                     self.guidance_input, name="embed")(t, y, guidance)
         block = lambda c, name: ResBlock(c, self.dropout, self.dtype, name=name)  # noqa: E731

@@ -1,6 +1,6 @@
 """The Stable Diffusion VAE (`stabilityai/sd-vae-ft-mse`, diffusers `AutoencoderKL`) in NHWC.
 
-sCM encodes ImageNet 512x512 images in [-1, 1] into 4x64x64 latents with this VAE (digest §7).
+sCM encodes ImageNet 512x512 images in [-1, 1] into 4x64x64 latents with this VAE (sCM App. G).
 The module tree mirrors diffusers' so that weight names map one to one
 (`encoder.down_blocks.0.resnets.1.conv2.weight` <-> encoder/down_blocks_0/resnets_1/conv2/kernel):
 

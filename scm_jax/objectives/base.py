@@ -1,0 +1,294 @@
+"""What every objective is: its networks, its state, its config section, its pure step.
+
+A training stage is a config section (`config.teacher`, `config.scd`, ...) whose `objective`
+key names a class registered in `scm_jax.objectives`. The class
+
+- owns the section's schema (`section()`: the keys every stage has, `COMMON`, plus its own
+  `SCHEMA`) and its validation (`validate_section`, run before anything is written);
+- declares its trained networks (`networks`: name -> `Network`, each with its own optimizer,
+  optional EMA and post-update projection) and whether it reads a teacher (`teacher_stage`,
+  `distills`);
+- computes its stop-gradient targets (`targets`) and its differentiated loss (`loss`); the
+  step built here (`make_step`) does the rest, identically for every objective:
+
+      key   = fold_in(state.rng, state.step)
+      tgt   = targets(key, batch, stopgrad(params), step, teacher)     # nothing differentiated
+      grads = grad(loss)(params, tgt)                                  # one differentiated pass
+      for each network: optimizer update, projection, EMA
+
+Nothing here knows meshes, data loading, checkpoints or logging (that is `train.py`).
+"""
+import abc
+import dataclasses
+import zlib
+from typing import Any, Callable, ClassVar
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+
+from scm_jax import ema as ema_lib
+from scm_jax import optimizers, sharding
+from scm_jax.errors import ConfigError
+from scm_jax.networks import BACKBONES, bind_apply, build_network
+
+
+@struct.dataclass
+class NetState:
+    """One trained network: params, its optimizer's state, its EMA (None: keeps none)."""
+
+    params: Any
+    opt_state: Any
+    ema: Any
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array          # int32 [], optimizer steps taken
+    rng: jax.Array           # uint32 [2], the stage's base key (see `stage_key`)
+    nets: dict               # network name -> NetState
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A network an objective trains. `init(key, example) -> params` may return logically
+    partitioned (boxed) params; `project` runs after every optimizer update."""
+
+    module: nn.Module
+    init: Callable
+    optimizer: optax.GradientTransformation
+    ema: Any = None                      # the stage's `ema` section, or None
+    project: Callable = dataclasses.field(default=lambda params: params)
+
+
+def stage_key(seed: int, name: str) -> jax.Array:
+    """The stage's base key, derived from its name: adding or reordering stages leaves every
+    other stage's randomness unchanged."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+# Keys of every stage section, with their defaults.
+COMMON = dict(
+    objective="",
+    steps=1000,
+    batch_size=128,
+    dropout=0.0,
+    log_every=50,
+    checkpoint_every=500,
+    keep_checkpoints=2,
+    sample_every=0,            # 0: a sample grid only at the end; -1: none
+    checkpoint_dir="",         # where this stage's checkpoints live ('' = <workdir>/<stage>)
+)
+
+
+def _merge(cfg: ml_collections.ConfigDict, overrides: dict, where: str) -> None:
+    """Recursive update: nested dicts update nested sections; unknown keys are errors."""
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise ConfigError(f"unknown config key {where}.{key}; expected one of {sorted(cfg)}")
+        if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(
+                cfg[key], ml_collections.ConfigDict):
+            _merge(cfg[key], dict(value), f"{where}.{key}")
+        else:
+            cfg[key] = value
+
+
+def check(ok: bool, key: str, value, expected: str) -> None:
+    """Raises ConfigError('config.<key> = <value> is invalid: expected <expected>')."""
+    if not ok:
+        raise ConfigError(f"config.{key} = {value!r} is invalid: expected {expected}")
+
+
+class Objective(abc.ABC):
+    """Base class; subclasses set `name`, `sampler`, `SCHEMA` and implement `targets`/`loss`."""
+
+    name: ClassVar[str] = ""
+    sampler: ClassVar[str] = ""        # 'ode' (a diffusion model) | 'consistency' (f_theta)
+    SCHEMA: ClassVar[dict] = {}        # the objective's own keys of its section
+    IDENTITY_KEYS: ClassVar[tuple] = ()  # keys of the section that change a checkpoint's meaning
+
+    # --- Config section -------------------------------------------------------------------
+    @classmethod
+    def section(cls, **overrides) -> ml_collections.ConfigDict:
+        """A stage section for this objective: COMMON + SCHEMA, an optimizer and an EMA."""
+        cfg = ml_collections.ConfigDict(dict(COMMON, **cls.SCHEMA,
+                                             optimizer=optimizers.default_config(),
+                                             ema=ema_lib.default_config()))
+        cfg.objective = cls.name
+        _merge(cfg, overrides, "<stage>")
+        return cfg
+
+    @classmethod
+    def validate_section(cls, config, where: str) -> None:
+        """Every check of config.<where>, before anything is written (ConfigError names the key)."""
+        st = config[where]
+        check(st.steps >= 0, f"{where}.steps", st.steps, ">= 0")
+        check(st.batch_size > 0, f"{where}.batch_size", st.batch_size, "> 0")
+        check(0.0 <= st.dropout < 1.0, f"{where}.dropout", st.dropout, "in [0, 1)")
+        check(st.log_every > 0, f"{where}.log_every", st.log_every, "a positive step count")
+        check(st.checkpoint_every > 0, f"{where}.checkpoint_every", st.checkpoint_every,
+              "a positive step count")
+        check(st.keep_checkpoints >= 1, f"{where}.keep_checkpoints", st.keep_checkpoints, ">= 1")
+        check(st.sample_every >= -1, f"{where}.sample_every", st.sample_every,
+              "a step count, 0 (a grid at the end) or -1 (none)")
+        optimizers.validate(st.optimizer, f"{where}.optimizer")
+        ema_lib.validate(st.ema, f"{where}.ema")
+        cls.check_section(config, where)
+
+    @classmethod
+    def check_section(cls, config, where: str) -> None:
+        """The objective's own checks of config.<where> (override)."""
+
+    # --- Construction ---------------------------------------------------------------------
+    def __init__(self, config, stage_name: str):
+        self.config, self.stage_name = config, stage_name
+        self.cfg = config[stage_name]
+        self.sigma_d = float(config.data.sigma_d)
+        self.model_cfg = self.model_config(config)
+        plain = self.model_cfg.copy_and_resolve_references()
+        with plain.unlocked():
+            # `attention_impl` applies to the tangent pass only (see `ConsistencyObjective`):
+            # the fused forward+JVP kernel has no transpose rule, so `jax.grad` never meets it.
+            plain.attention_impl = "xla"
+        self.module = build_network(plain, dropout=self.cfg.dropout)
+        self.net_train = bind_apply(self.module, train=True)
+        eval_fn = bind_apply(self.module, train=False)
+        self.net_eval = lambda p, x, t, cond, key=None: eval_fn(p, x, t, cond)
+        self.optimizer = optimizers.build_optimizer(self.cfg.optimizer)
+        self.networks = self.build_networks()
+
+    def model_config(self, config):
+        """config.model as this objective's networks use it (override to change an entry)."""
+        return config.model.copy_and_resolve_references()
+
+    def build_networks(self) -> dict:
+        """name -> Network: the backbone 'net' with the stage's EMA (override to add more)."""
+        project = getattr(BACKBONES[self.model_cfg.name], "project_params", lambda p: p)
+
+        def init_net(key, example):
+            x, t, cond = example
+            return self.module.init({"params": key}, x, t, cond.get("y"), cond.get("guidance"),
+                                    train=False)["params"]
+
+        return {"net": Network(self.module, init_net, self.optimizer, ema=self.cfg.ema,
+                               project=project)}
+
+    # --- Teacher ----------------------------------------------------------------------------
+    @property
+    def teacher_stage(self) -> str | None:
+        """The stage whose EMA this one starts from or distills (None: needs no teacher)."""
+        return None
+
+    @property
+    def distills(self) -> bool:
+        """True when the step queries the teacher (its params are an input of every step)."""
+        return False
+
+    # --- State ------------------------------------------------------------------------------
+    def example_inputs(self, image_shape, batch_size: int = 1):
+        """Dummy (x, t, cond) for initialization; shapes only matter."""
+        x = jnp.zeros((batch_size,) + tuple(image_shape), jnp.float32)
+        t = jnp.ones((batch_size,), jnp.float32)
+        cond = {}
+        if self.model_cfg.num_classes:
+            cond["y"] = jnp.zeros((batch_size,), jnp.int32)
+        if self.model_cfg.guidance_input:
+            cond["guidance"] = jnp.ones((batch_size,), jnp.float32)
+        return x, t, cond
+
+    def init_state(self, key, image_shape, *, boxed: bool = False) -> TrainState:
+        """Fresh parameters, optimizer states and EMAs (an EMA starts at its parameters).
+
+        boxed=True keeps the backbones' `nn.LogicallyPartitioned` boxes (on params, EMA and the
+        optimizer's per-parameter state alike): `jax.eval_shape` of it is what the shardings
+        are derived from. The state a step takes is the unboxed one.
+        """
+        *keys, k_rng = jax.random.split(key, len(self.networks) + 1)
+        example = self.example_inputs(image_shape)
+        nets = {}
+        for k, (name, net) in zip(keys, self.networks.items()):
+            params = net.init(k, example)
+            nets[name] = NetState(params=params, opt_state=net.optimizer.init(params),
+                                  ema=params if net.ema is not None else None)
+        state = TrainState(step=jnp.zeros((), jnp.int32), rng=k_rng, nets=nets)
+        return state if boxed else nn.meta.unbox(state)
+
+    def abstract_state(self, image_shape, mesh=None, rules=None):
+        """(ShapeDtypeStructs of the TrainState, their NamedShardings or None) from one trace
+        of the init. With a mesh, weights are split by the logical rules (FSDP) and scalars and
+        unnamed leaves replicated, and the structs carry their shardings (restore targets)."""
+        boxed = jax.eval_shape(
+            lambda: self.init_state(jax.random.PRNGKey(0), image_shape, boxed=True))
+        if mesh is None:
+            return nn.meta.unbox(boxed), None
+        shardings = sharding.tree_shardings(boxed, mesh, rules)
+        return sharding.with_shardings(nn.meta.unbox(boxed), shardings), shardings
+
+    def with_params(self, state: TrainState, name: str, params) -> TrainState:
+        """Network `name` restarted at `params` (its EMA too, its optimizer state fresh)."""
+        net = self.networks[name]
+        # Own buffers for params and EMA: the step donates the state, and a teacher's
+        # parameters (possibly passed to the same step) must alias neither.
+        params = jax.tree.map(jnp.copy, params)
+        ema = jax.tree.map(jnp.copy, params) if net.ema is not None else None
+        nets = dict(state.nets, **{name: NetState(params, net.optimizer.init(params), ema)})
+        return state.replace(nets=nets)
+
+    # --- The step ---------------------------------------------------------------------------
+    def conditioning(self, key, batch) -> dict:
+        """cond of the batch: labels (if class-conditional); subclasses add the rest."""
+        cond = {}
+        if self.model_cfg.num_classes:
+            cond["y"] = batch["label"].astype(jnp.int32)
+        return cond
+
+    @abc.abstractmethod
+    def targets(self, key, batch, params, step, teacher, teacher_params):
+        """Everything not differentiated, from stop-gradient `params` (name -> params)."""
+
+    @abc.abstractmethod
+    def loss(self, params, targets):
+        """(scalar loss, metrics dict) of the differentiated pass."""
+
+    def identity(self) -> dict:
+        """What this stage's checkpoints mean, beside the architecture and the dataset."""
+        return dict(objective=self.name, **{k: self.cfg[k] for k in self.IDENTITY_KEYS})
+
+    def make_step(self, teacher=None):
+        """step(state, batch, teacher_params) -> (state, metrics); pure and jittable.
+
+        batch: dict(image=[B, H, W, C] float, label=[B] int). `teacher` (an
+        `objectives.Teacher`) is required when the objective distills.
+        """
+        if self.distills and teacher is None:
+            raise ValueError(f"stage {self.stage_name} distills a teacher but none was given")
+        batch_size = self.cfg.batch_size
+
+        def step(state: TrainState, batch, teacher_params):
+            chex.assert_rank(batch["image"], 4)
+            chex.assert_shape(batch["label"], batch["image"].shape[:1])
+            key = jax.random.fold_in(state.rng, state.step)
+            params = {name: net.params for name, net in state.nets.items()}
+            tgt = self.targets(key, batch, jax.lax.stop_gradient(params), state.step, teacher,
+                               teacher_params)
+            (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(params, tgt)
+            nets = {}
+            for name, net in state.nets.items():
+                spec = self.networks[name]
+                updates, opt_state = spec.optimizer.update(grads[name], net.opt_state,
+                                                           net.params)
+                new = spec.project(optax.apply_updates(net.params, updates))
+                ema = net.ema
+                if ema is not None:
+                    beta = ema_lib.ema_decay(spec.ema.kind, spec.ema.value, state.step,
+                                             batch_size)
+                    ema = ema_lib.update_ema(ema, new, beta)
+                nets[name] = NetState(new, opt_state, ema)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            return state.replace(step=state.step + 1, nets=nets), metrics
+
+        return step

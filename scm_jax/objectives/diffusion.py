@@ -1,0 +1,64 @@
+"""The TrigFlow diffusion objective: the teacher (sCM Sec. 3, Eq. 4; EDM2 App. D).
+
+    L_Diff = E_{x0, z, t} [ (e^{w_phi(t)} / D) || F_theta(x_t / sigma_d, t) - v_t / sigma_d ||^2
+                             - w_phi(t) ],   v_t = cos(t) z - sin(t) x0,
+
+with ln(sigma_d tan t) ~ N(P_mean, P_std^2). The squared error in F equals EDM2's weighting
+lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 of the denoiser error rewritten in
+TrigFlow, so w_phi(t) plays the role of EDM2's -logvar. Label dropout trains the null label
+(index num_classes) that classifier-free guidance uses.
+"""
+import jax
+import jax.numpy as jnp
+
+from scm_jax import trigflow
+from scm_jax.objectives.base import check
+from scm_jax.objectives.regression import RegressionObjective, Targets, check_proposal, draw_noisy
+
+
+def diffusion_targets(key, x0, cond, *, sigma_d, p_mean, p_std) -> Targets:
+    """x_t / sigma_d and the regression target v_t / sigma_d (Eq. 4)."""
+    k_noise, k_drop = jax.random.split(key)
+    t, z, x_t = draw_noisy(k_noise, x0, sigma_d=sigma_d, p_mean=p_mean, p_std=p_std)
+    target = trigflow.velocity_target(x0.astype(jnp.float32), z, t) / sigma_d
+    return Targets(x_t / sigma_d, t, cond, target, k_drop, consistency=False)
+
+
+class Diffusion(RegressionObjective):
+    """A TrigFlow diffusion model (the teacher of sCD and the initialization of every CM)."""
+
+    name = "diffusion"
+    sampler = "ode"
+    SCHEMA = dict(
+        label_dropout=0.0,                        # p(null label), for classifier-free guidance
+        loss=dict(p_mean=-1.0, p_std=1.6),        # ln(sigma_d tan t) ~ N(P_mean, P_std^2)
+    )
+
+    @classmethod
+    def check_section(cls, config, where: str) -> None:
+        st = config[where]
+        check(0.0 <= st.label_dropout < 1.0, f"{where}.label_dropout", st.label_dropout,
+              "in [0, 1)")
+        check_proposal(config, where)
+
+    def model_config(self, config):
+        """A diffusion model never takes a guidance-scale input: only a guided student does
+        (sCM Sec. 7), and it starts from this model with that input zero-initialized."""
+        model = config.model.copy_and_resolve_references()
+        with model.unlocked():
+            model.guidance_input = False
+        return model
+
+    def conditioning(self, key, batch) -> dict:
+        cond = super().conditioning(key, batch)
+        if "y" in cond and self.cfg.label_dropout > 0:
+            k_drop, _ = jax.random.split(key)
+            null = jax.random.bernoulli(k_drop, self.cfg.label_dropout, cond["y"].shape)
+            cond["y"] = jnp.where(null, self.model_cfg.num_classes, cond["y"])
+        return cond
+
+    def targets(self, key, batch, params, step, teacher, teacher_params) -> Targets:
+        k_cond, k_loss = jax.random.split(key)
+        loss = self.cfg.loss
+        return diffusion_targets(k_loss, batch["image"], self.conditioning(k_cond, batch),
+                                 sigma_d=self.sigma_d, p_mean=loss.p_mean, p_std=loss.p_std)

@@ -1,0 +1,110 @@
+"""The differentiated pass every objective here shares: an adaptively weighted regression of
+F_theta (EDM2 App. D; sCM Eq. 8), and the noisy inputs it is evaluated on (Alg. 1 lines 1-3).
+
+An objective's step is two passes (sCM Sec. 5.1, "JVP rearrangement" and Alg. 1):
+1. its `targets(...)`: everything that is not differentiated (t, z, x_t, the teacher, the sCM
+   tangent JVP at stop-gradient parameters), returned as `Targets`;
+2. `weighted_regression(...)`: F_theta at the same inputs with the same dropout key, and the
+   learned log-weight w_phi(t).
+
+t, the embedding inputs, g, its norm and the loss are float32 whatever the compute dtype.
+Shapes: x0 [B, H, W, C]; t [B]; cond entries [B].
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from scm_jax import trigflow
+from scm_jax.networks import AdaptiveWeight
+from scm_jax.objectives.base import Network, Objective, check
+
+
+@struct.dataclass
+class Targets:
+    """Inputs of the differentiated pass; all stop-gradient.
+
+    x_scaled: [B,H,W,C] network input x_t / sigma_d; t: [B]; cond: dict of [B] arrays;
+    target: [B,H,W,C], either the regression target (diffusion) or g (consistency, where the
+    residual is F - stopgrad(F) - g); dropout_key: the key both passes share.
+    """
+
+    x_scaled: jax.Array
+    t: jax.Array
+    cond: dict
+    target: jax.Array
+    dropout_key: jax.Array
+    consistency: bool = struct.field(pytree_node=False)
+
+
+def f32(a):
+    """At least float32: bf16/f16 network outputs are upcast, float64 (tests) is kept."""
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+
+def bcast(a, x):
+    """Per-sample [B] values reshaped to broadcast against x [B, ...]."""
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def per_sample_sq_norm(a):
+    """||a_i||^2 over all non-batch axes, in float32 at least: [B, ...] -> [B]."""
+    return jnp.sum(jnp.square(f32(a)), axis=tuple(range(1, a.ndim)))
+
+
+def draw_noisy(key, x0, *, sigma_d, p_mean, p_std):
+    """t from the log-normal proposal, z ~ N(0, sigma_d^2 I), x_t (Alg. 1 lines 1-3)."""
+    k_t, k_z = jax.random.split(key)
+    t = trigflow.sample_time(k_t, x0.shape[:1], p_mean, p_std, sigma_d)
+    z = sigma_d * jax.random.normal(k_z, x0.shape, jnp.float32)
+    return t, z, trigflow.add_noise(x0.astype(jnp.float32), z, t)
+
+
+def weighted_regression(params, targets: Targets, *, net_fn, weight_fn):
+    """(e^{w(t)} / D) ||residual||^2 - w(t), averaged over the batch. Returns (loss, metrics).
+
+    Diffusion: residual = F - target. Consistency: residual = F - stopgrad(F) - g, whose value is
+    -g exactly and whose gradient pushes F along +g (Alg. 1).
+    params: {'net': backbone params, 'weight': w_phi params}.
+    """
+    F = f32(net_fn(params["net"], targets.x_scaled, targets.t, targets.cond, targets.dropout_key))
+    if targets.consistency:
+        residual = F - jax.lax.stop_gradient(F) - targets.target
+    else:
+        residual = F - targets.target
+    w = f32(weight_fn(params["weight"], targets.t))
+    d = np.prod(F.shape[1:])
+    raw = per_sample_sq_norm(residual) / d
+    loss = jnp.mean(jnp.exp(w) * raw - w)
+    metrics = {"loss": loss, "raw_loss": jnp.mean(raw), "weight_mean": jnp.mean(w)}
+    if targets.consistency:
+        metrics["tangent_norm"] = jnp.mean(jnp.sqrt(per_sample_sq_norm(targets.target)))
+    return loss, metrics
+
+
+class RegressionObjective(Objective):
+    """An objective whose differentiated pass is `weighted_regression`: the backbone 'net' and
+    the adaptive weighting 'weight' (w_phi of sCM Eq. 8, fresh in every stage, no EMA), both
+    trained by the stage's optimizer settings. Subclasses define `targets`."""
+
+    def build_networks(self) -> dict:
+        weight = AdaptiveWeight(self.config.model.weight_channels)
+        init_weight = lambda key, example: weight.init(key, example[1])["params"]  # noqa: E731
+        return dict(super().build_networks(),
+                    weight=Network(weight, init_weight, self.optimizer, ema=None))
+
+    def weight_fn(self, params, t):
+        return self.networks["weight"].module.apply({"params": params}, t)
+
+    def loss(self, params, targets: Targets):
+        return weighted_regression(params, targets, net_fn=self.net_train,
+                                   weight_fn=self.weight_fn)
+
+
+def check_proposal(config, where: str) -> None:
+    """The log-normal proposal ln(sigma_d tan t) ~ N(P_mean, P_std^2) of config.<where>.loss."""
+    loss = config[where].loss
+    check(loss.p_std > 0, f"{where}.loss.p_std", loss.p_std, "> 0")
+    check(math.isfinite(loss.p_mean), f"{where}.loss.p_mean", loss.p_mean, "finite")

@@ -1,0 +1,96 @@
+"""Continuous-time consistency models: sCT and sCD (sCM Sec. 4-5, Eq. 6-8, Alg. 1).
+
+    L_sCM = E[ (e^{w_phi(t)} / D) || F_theta(x_t/sigma_d, t) - F_theta^-(x_t/sigma_d, t) - g ||^2
+               - w_phi(t) ],
+    g = cos(t) df^-/dt = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF^-/dt),
+
+normalized as g / (||g|| + c), with r = min(1, step / H) the tangent warm-up. dx_t/dt is the
+single-sample estimate cos(t) z - sin(t) x0 (sCT, `tangent='data'`) or the teacher's PF-ODE
+sigma_d F_pretrain(x_t/sigma_d, t), guided on IN512 (sCD, `tangent='teacher'`). theta^- is
+stop_gradient(theta), never an EMA.
+"""
+import jax
+import jax.numpy as jnp
+
+from scm_jax import trigflow
+from scm_jax.objectives.base import check
+from scm_jax.objectives.consistency import (ConsistencyObjective, extend, normalize_tangent,
+                                            warmup_ratio)
+from scm_jax.objectives.regression import Targets, bcast, draw_noisy, f32
+
+TANGENTS = ("data", "teacher")
+PRIOR_WEIGHTINGS = ("paper", "uniform")
+
+
+def scm_tangent(net_fn, params, x_t, t, dxdt, cond, dropout_key, *, sigma_d, warmup_ratio,
+                prior_weighting="paper"):
+    """g = cos(t) df^-/dt with tangent warmup, via the rearranged JVP (sCM Sec. 5.1, Alg. 1).
+
+    One `jax.jvp` of F^- at primal (x_t/sigma_d, t) with tangents (cos t sin t dx_t/dt,
+    cos t sin t sigma_d) returns F^- and sigma_d cos t sin t dF^-/dt (sigma_d is already inside
+    the result, not multiplied again). Then
+        g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + sigma_d cos t sin t dF^-/dt).
+    `params` must already be stop-gradient. Returns (F^- [B,...], g [B,...]) in float32.
+    prior_weighting='uniform' replaces w(t) = 1/(sigma_d tan t) of Eq. 8 by 1, i.e. multiplies
+    g by sigma_d tan t.
+    """
+    cs = bcast(jnp.cos(t) * jnp.sin(t), x_t)
+    fn = lambda x, tt: net_fn(params, x, tt, cond, dropout_key)  # noqa: E731
+    F_minus, dF = jax.jvp(fn, (x_t / sigma_d, t),
+                          (cs * dxdt, jnp.cos(t) * jnp.sin(t) * sigma_d))
+    F_minus = f32(F_minus)
+    cos_t = bcast(jnp.cos(t), x_t)
+    g = -jnp.square(cos_t) * (sigma_d * F_minus - dxdt)
+    g = g - warmup_ratio * (cs * x_t + f32(dF))
+    if prior_weighting == "uniform":
+        g = g * bcast(sigma_d * jnp.tan(t), x_t)
+    return F_minus, g
+
+
+def scm_targets(key, x0, cond, *, net_fn, params, step, sigma_d, p_mean, p_std, tangent_c,
+                warmup_steps, tangent_norm="l2", prior_weighting="paper", teacher=None) -> Targets:
+    """Targets of sCT (teacher=None: dx/dt = cos t z - sin t x0) or sCD (Alg. 1).
+
+    teacher: a function (x_t, t, cond) -> dx_t/dt for sCD.
+    """
+    k_noise, k_drop = jax.random.split(key)
+    t, z, x_t = draw_noisy(k_noise, x0, sigma_d=sigma_d, p_mean=p_mean, p_std=p_std)
+    if teacher is None:
+        dxdt = trigflow.velocity_target(x0.astype(jnp.float32), z, t)
+    else:
+        dxdt = teacher(x_t, t, cond)
+    _, g = scm_tangent(net_fn, jax.lax.stop_gradient(params), x_t, t, dxdt, cond, k_drop,
+                       sigma_d=sigma_d, warmup_ratio=warmup_ratio(step, warmup_steps),
+                       prior_weighting=prior_weighting)
+    g = normalize_tangent(g, kind=tangent_norm, c=tangent_c)
+    return jax.lax.stop_gradient(Targets(x_t / sigma_d, t, cond, g, k_drop, consistency=True))
+
+
+class SCM(ConsistencyObjective):
+    """sCT (`tangent='data'`) and sCD (`tangent='teacher'`)."""
+
+    name = "scm"
+    SCHEMA = extend(ConsistencyObjective.SCHEMA, tangent="data",
+                    loss=dict(prior_weighting="paper"))  # paper: w(t) = 1/(sigma_d tan t) | uniform
+    IDENTITY_KEYS = ("tangent",)
+
+    @classmethod
+    def check_section(cls, config, where: str) -> None:
+        super().check_section(config, where)
+        st = config[where]
+        check(st.tangent in TANGENTS, f"{where}.tangent", st.tangent,
+              "'data' (sCT) or 'teacher' (sCD)")
+        check(st.loss.prior_weighting in PRIOR_WEIGHTINGS, f"{where}.loss.prior_weighting",
+              st.loss.prior_weighting, f"one of {PRIOR_WEIGHTINGS}")
+
+    @property
+    def distills(self) -> bool:
+        return self.cfg.tangent == "teacher"
+
+    def targets(self, key, batch, params, step, teacher, teacher_params) -> Targets:
+        k_cond, k_loss = jax.random.split(key)
+        velocity = self.teacher_velocity(teacher, teacher_params) if self.distills else None
+        return scm_targets(k_loss, batch["image"], self.conditioning(k_cond, batch),
+                           net_fn=self.net_tangent, params=params["net"], step=step,
+                           teacher=velocity, prior_weighting=self.cfg.loss.prior_weighting,
+                           **self.loss_settings())
