@@ -105,6 +105,7 @@ def _edm2_model(size: str, num_classes: int, tiny: bool) -> ml_collections.Confi
         dropout=0.0,
         dropout_max_resolution=16,              # dropout only at resolutions <= 16 (Tables 4/5)
         modulation="adn",
+        remat="none",                           # 'block' | a jax.checkpoint policy name
         weight_channels=16 if tiny else 128,
         dtype="float32" if tiny else "bfloat16",
     ))
@@ -114,7 +115,7 @@ def _dit_model(size: str, num_classes: int, tiny: bool) -> ml_collections.Config
     return ml_collections.ConfigDict(dict(
         name="dit", **dit.PRESETS["xs" if tiny else size], mlp_ratio=4.0,
         num_classes=num_classes, guidance_input=False, attention_impl="auto", qk_norm=False,
-        dropout=0.0, modulation="adn", weight_channels=16 if tiny else 128,
+        dropout=0.0, modulation="adn", remat="none", weight_channels=16 if tiny else 128,
         dtype="float32" if tiny else "bfloat16"))
 
 
@@ -229,7 +230,7 @@ def cifar10_config(arg: str | None) -> ml_collections.ConfigDict:
     preset.pop("dropout", None)   # a stage setting: the teacher's below, the CMs' their own
     model = ml_collections.ConfigDict(dict(
         name="ddpmpp", **preset, num_classes=0, guidance_input=False, attention_impl="auto",
-        dropout=0.0, dropout_max_resolution=0, modulation="adn",
+        dropout=0.0, dropout_max_resolution=0, modulation="adn", remat="none",
         weight_channels=16 if tiny else 128, dtype="float32"))
     data = image_data_config("cifar10", resolution=16 if tiny else 32)
     config = _base(args, data, model)

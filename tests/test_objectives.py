@@ -17,6 +17,7 @@ from scm_jax.errors import ConfigError
 from scm_jax.objectives.consistency import normalize_tangent
 from scm_jax.objectives.diffusion import diffusion_targets
 from scm_jax.objectives.discrete import discrete_time_grid, discrete_time_probs
+from scm_jax.objectives.randomness import Randomness
 from scm_jax.objectives.regression import Targets, weighted_regression
 from scm_jax.objectives.scm import scm_targets
 from tests.helpers import load_experiment, tiny_net_fn
@@ -77,7 +78,8 @@ def test_discrete_grid_and_probabilities():
 
 def test_diffusion_targets_are_velocity_over_sigma_d():
     x0 = jax.random.normal(jax.random.PRNGKey(np.random.randint(1 << 30)), (5, 8, 8, 1))
-    tg = diffusion_targets(jax.random.PRNGKey(3), x0, {}, sigma_d=SD, p_mean=-0.8, p_std=1.6)
+    tg = diffusion_targets(Randomness.for_batch(jax.random.PRNGKey(3), 5), x0, {}, sigma_d=SD,
+                           p_mean=-0.8, p_std=1.6)
     tb = tg.t[:, None, None, None]
     # x_t = cos t x0 + sin t z and v = cos t z - sin t x0  =>  z = sin t x_t + cos t v.
     x_t = tg.x_scaled * SD
@@ -93,7 +95,8 @@ def test_cm_targets_are_stop_gradient_and_grad_traces():
     x0 = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 1))
 
     def targets(p):
-        return scm_targets(jax.random.PRNGKey(0), x0, {}, net_fn=net_fn, params=p, step=5,
+        return scm_targets(Randomness.for_batch(jax.random.PRNGKey(0), 3), x0, {},
+                           net_fn=net_fn, params=p, step=5,
                            sigma_d=SD, p_mean=-1.0, p_std=1.6, tangent_c=0.1, warmup_steps=10)
 
     def total(p):
@@ -183,14 +186,14 @@ def test_a_new_objective_needs_its_class_and_its_config_section_only(tmp_path, m
         name = "fixed_time_diffusion"
         SCHEMA = dict(Diffusion.SCHEMA, time=0.8)
 
-        def targets(self, key, batch, params, step, teacher, teacher_params):
+        def targets(self, rng, batch, params, step, teacher, teacher_params):
             x0 = batch["image"]
-            _, z, _ = draw_noisy(key, x0, sigma_d=self.sigma_d, p_mean=0.0, p_std=1.0)
+            _, z, _ = draw_noisy(rng, x0, sigma_d=self.sigma_d, p_mean=0.0, p_std=1.0)
             t = jnp.full(x0.shape[:1], self.cfg.time, jnp.float32)
             x_t = jnp.cos(t)[:, None, None, None] * x0 + jnp.sin(t)[:, None, None, None] * z
             v = jnp.cos(t)[:, None, None, None] * z - jnp.sin(t)[:, None, None, None] * x0
-            return Targets(x_t / self.sigma_d, t, self.conditioning(key, batch),
-                           v / self.sigma_d, key, consistency=False)
+            return Targets(x_t / self.sigma_d, t, self.conditioning(rng, batch),
+                           v / self.sigma_d, rng.dropout_key, consistency=False)
 
     monkeypatch.setitem(objectives.OBJECTIVES, FixedTimeDiffusion.name, FixedTimeDiffusion)
     config = load_experiment("digits", "variant=tiny")
@@ -204,3 +207,27 @@ def test_a_new_objective_needs_its_class_and_its_config_section_only(tmp_path, m
     assert any("[fixed] step 2/2" in line for line in lines)
     record = (tmp_path / "fixed" / "config.json").read_text()
     assert '"objective": "fixed_time_diffusion"' in record
+
+
+@pytest.mark.parametrize("name", ["teacher", "sct"])
+def test_gradient_accumulation_equals_the_whole_batch(name):
+    """microbatches = 4: the same per-sample randomness, gradients averaged over the parts, one
+    update: equal to the whole batch's step up to float rounding (no dropout here)."""
+    overrides = [f"{name}.dropout=0.0", f"{name}.optimizer.eps=0.001", "sct.loss.warmup_steps=0",
+                 "teacher.label_dropout=0.5"]
+    rng = np.random.default_rng()
+    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (16, 8, 8, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, (16,)), jnp.int32)}
+    key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+    results = []
+    for parts in (1, 4):
+        config = load_experiment("digits", "variant=tiny",
+                                 overrides + [f"{name}.microbatches={parts}"])
+        objective = objectives.build(config, name)
+        state = objective.init_state(key, (8, 8, 1))
+        results.append(jax.jit(objective.make_step())(state, batch, None))
+    (one, m_one), (four, m_four) = results
+    np.testing.assert_allclose(m_four["loss"], m_one["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_four["grad_norm"], m_one["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(four.nets), jax.tree.leaves(one.nets)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -15,7 +15,7 @@ from scm_jax import checkpoint as ckpt
 from scm_jax import main as scm_main
 from scm_jax import objectives, train
 from scm_jax.data import data_shape
-from tests.helpers import load_experiment
+from tests.helpers import load_experiment, tiny_latents
 
 
 def _count(config):
@@ -145,31 +145,8 @@ def test_imagenet64_runlocal_trains_under_fsdp(mock_tfds, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def _tiny_latents(out_dir, n=48, image=64, seed=0):
-    """An encoded-latent directory as `python -m scm_jax.data.encode_latents` writes it, from a
-    stand-in encoder (random posterior means/stds of the right shape), for runlocal training."""
-    from scm_jax.data import encode_latents
-
-    rng = np.random.default_rng(seed)
-    side = image // 8
-
-    def batches():
-        for start in range(0, n, 16):
-            yield dict(image=rng.uniform(-1, 1, (16, image, image, 3)).astype(np.float32),
-                       label=rng.integers(0, 1000, 16).astype(np.int32))
-
-    def encode_fn(images):
-        b = images.shape[0]
-        mean = rng.normal(0, 5, (b, side, side, 4)).astype(np.float32)
-        return mean, np.full_like(mean, 0.1)
-
-    index = encode_latents.encode_batches(batches(), encode_fn, str(out_dir), shard_batches=2,
-                                          log=lambda m: None)
-    assert index is not None and index["num_examples"] == n
-
-
 def test_imagenet512_runlocal_trains_guided_scd(tmp_path):
-    _tiny_latents(tmp_path / "latents")
+    tiny_latents(tmp_path / "latents")
     config = load_experiment("imagenet512", "variant=runlocal,stage=scd")
     config.data.path = str(tmp_path / "latents")
     config.teacher.sample_every = -1
@@ -205,9 +182,12 @@ def test_paper_configs_default_to_the_fused_kernel_on_accelerators(monkeypatch):
     for name in ("cifar10", "imagenet64", "imagenet512"):
         assert load_experiment(name).model.attention_impl == "auto"
     assert attention.resolve_attention_impl("auto") == "xla"   # this CPU: no interpreter in training
-    for backend in ("tpu", "gpu"):
+    for backend, kernel in (("tpu", "mosaic_tpu"), ("gpu", "triton")):
         monkeypatch.setattr(attention.jax, "default_backend", lambda b=backend: b)
-        assert attention.resolve_attention_impl("auto") == "pallas"
+        assert attention.resolve_attention_impl("auto") == f"pallas:{kernel}"
+    # The mesh's platform, when given, wins over the host's (a TPU step compiled on a CPU).
+    assert attention.resolve_attention_impl("auto", "tpu") == "pallas:mosaic_tpu"
+    assert attention.resolve_attention_impl("pallas", "cpu") == "pallas:interpret"
     with pytest.raises(ValueError, match="flash"):
         attention.resolve_attention_impl("flash")
 

@@ -47,12 +47,16 @@ _SUBLANES = 8     # TPU vreg sublanes: q tiles are sublane-aligned
 _TRITON_MIN_DIM = 16      # Triton dots need every operand dimension >= 16
 
 
-def default_backend() -> str:
-    """The kernel backend for the default JAX platform: TPU -> Mosaic, GPU -> Triton, CPU ->
-    the generic Pallas interpreter running the Mosaic kernel body."""
-    platform = jax.default_backend()
+def backend_for_platform(platform: str) -> str:
+    """The kernel backend for a JAX platform: TPU -> Mosaic, GPU -> Triton, CPU -> the generic
+    Pallas interpreter running the Mosaic kernel body."""
     return {"tpu": "mosaic_tpu", "gpu": "triton", "cuda": "triton", "rocm": "triton"}.get(
         platform, "interpret")
+
+
+def default_backend() -> str:
+    """The kernel backend for the default JAX platform (`backend_for_platform`)."""
+    return backend_for_platform(jax.default_backend())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from scm_jax.errors import ConfigError
-from scm_jax.networks.attention import ATTENTION_IMPLS
-from scm_jax.networks.layers import AdaptiveWeight
+from scm_jax.networks.attention import check_attention_impl
+from scm_jax.networks.layers import REMAT_MODES, AdaptiveWeight
 from scm_jax.networks import ddpmpp, dit, edm2, unet
 from scm_jax.networks.unet import UNet
 
@@ -32,9 +32,7 @@ def build_network(model: ml_collections.ConfigDict, *, dropout: float | None = N
         raise ConfigError(f"unknown model.name {model.name!r}; expected one of {sorted(BACKBONES)}")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown model dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    if model.attention_impl not in ATTENTION_IMPLS:
-        raise ConfigError(
-            f"unknown model.attention_impl {model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+    check_attention_impl(model.attention_impl)
     rate = model.dropout if dropout is None else dropout
     if not 0.0 <= rate < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {rate}")
@@ -42,8 +40,8 @@ def build_network(model: ml_collections.ConfigDict, *, dropout: float | None = N
 
 
 # Entries of config.model that do not change what a checkpoint's parameters mean: how the
-# network is computed (dtype, attention kernel) and how it is regularized (dropout).
-NON_IDENTITY_KEYS = ("attention_impl", "dtype", "dropout", "dropout_max_resolution")
+# network is computed (dtype, attention kernel, rematerialization) and regularized (dropout).
+NON_IDENTITY_KEYS = ("attention_impl", "dtype", "dropout", "dropout_max_resolution", "remat")
 
 
 def validate_model_config(model: ml_collections.ConfigDict) -> None:
@@ -56,6 +54,10 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
     if model.get("num_classes", 0) < 0:
         raise ConfigError(f"config.model.num_classes = {model.num_classes!r} is invalid: "
                           f"expected >= 0 (0: unconditional)")
+    if model.get("remat", "none") not in REMAT_MODES:
+        raise ConfigError(f"config.model.remat = {model.remat!r} is invalid: expected one of "
+                          f"{REMAT_MODES} ('block': recompute each block in the backward pass; "
+                          f"a policy name: save what it names)")
     channels = model.get("weight_channels", 4)
     if not (isinstance(channels, int) and channels >= 4 and channels % 2 == 0):
         raise ConfigError(f"config.model.weight_channels = {channels!r} is invalid: expected an "

@@ -58,8 +58,11 @@ def _pallas_attention_jvp(backend, primals, tangents):
     # Symbolic zeros (inputs that do not depend on the JVP's input, e.g. constant context
     # keys/values) reach the kernel as None, which drops their matmuls.
     dq, dk, dv = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
-    o, do = fused_attention_jvp(q, k, v, dq, dk, dv, kv_mask=kv_mask, backend=backend)
-    return o.astype(v.dtype), do.astype(v.dtype)
+    _, do = fused_attention_jvp(q, k, v, dq, dk, dv, kv_mask=kv_mask, backend=backend or None)
+    # The primal output is XLA attention's, the very computation of the differentiated pass:
+    # so the tangent pass's whole primal path (F^-) stays identical to the gradient pass's
+    # forward and XLA computes it once for both. The kernel's own O feeds only its dO.
+    return dot_product_attention(q, k, v, kv_mask), do.astype(v.dtype)
 
 
 def fused_attention_jvp(q, k, v, dq, dk=None, dv=None, *, kv_mask=None, backend=None):
@@ -85,22 +88,31 @@ def attention(q, k, v, *, impl: str = "xla", kv_mask=None):
     `attention_impl` switches every attention layer at once.
     """
     impl = resolve_attention_impl(impl)
-    if impl == "pallas":
-        return pallas_attention(q, k, v, kv_mask)
+    if impl.startswith("pallas"):
+        return pallas_attention(q, k, v, kv_mask, impl.partition(":")[2])
     return dot_product_attention(q, k, v, kv_mask)
 
 
-def resolve_attention_impl(impl: str) -> str:
-    """'auto' -> 'pallas' on TPU/GPU, 'xla' on CPU; other names are checked and returned."""
+def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
+    """The implementation on `platform` (default: JAX's default backend): 'auto' is 'pallas'
+    on TPU/GPU and 'xla' on CPU, and 'pallas' is pinned to the platform's kernel backend,
+    'pallas:<backend>' (`flash_jvp.BACKENDS`). Resolving for the mesh's platform is what makes
+    a TPU step compiled on a CPU host use the Mosaic kernel."""
     check_attention_impl(impl)
+    platform = platform or jax.default_backend()
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+        impl = "pallas" if platform in ("tpu", "gpu") else "xla"
+    if impl == "pallas":
+        impl = f"pallas:{kernel.backend_for_platform(platform)}"
     return impl
 
 
 def check_attention_impl(impl: str) -> str:
-    if impl not in ATTENTION_IMPLS:
-        raise ConfigError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+    """impl is one of ATTENTION_IMPLS or 'pallas:<backend>'; raises ConfigError otherwise."""
+    name, _, backend = impl.partition(":")
+    if impl not in ATTENTION_IMPLS and not (name == "pallas" and backend in kernel.BACKENDS):
+        raise ConfigError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS} "
+                          f"or pallas:<backend> with a backend of {kernel.BACKENDS}")
     return impl
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
 from scm_jax.networks.layers import (adaptive_double_norm, at_least_f32, check_inputs,
-                                    positional_embedding)
+                                    positional_embedding, remat_block)
 
 MODULATIONS = ("adn", "additive")
 CONV_AXES = ("conv_height", "conv_width", "embed_in", "embed_out")
@@ -106,7 +106,7 @@ class UNetBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, emb, *, train: bool):
+    def __call__(self, x, emb, train: bool = False):
         cin, cout, dt = x.shape[-1], self.out_channels, self.dtype
         h = nn.silu(_group_norm(cin, "norm0", dt)(x))
         h = _conv(cout, 3, "conv0", dt)(_resample(h, self.resample))
@@ -161,13 +161,15 @@ class DDPMPP(nn.Module):
     guidance_input: bool = False
     modulation: str = "adn"
     attention_impl: str = "xla"
+    remat: str = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, t, y=None, guidance=None, *, train: bool = False):
         self._check(x, t, y, guidance)
         emb = self._embed(t, y, guidance)
-        block = functools.partial(UNetBlock, num_heads=self.num_heads, modulation=self.modulation,
+        block = functools.partial(remat_block(UNetBlock, self.remat), num_heads=self.num_heads,
+                                  modulation=self.modulation,
                                   attention_impl=self.attention_impl, dtype=self.dtype)
 
         def drop(res):
@@ -186,11 +188,11 @@ class DDPMPP(nn.Module):
                 h = _conv(self.channels, 3, f"enc_{tag(level)}_conv", self.dtype)(h)
             else:
                 h = block(h.shape[-1], resample="down", dropout=drop(res),
-                          name=f"enc_{tag(level)}_down")(h, emb, train=train)
+                          name=f"enc_{tag(level)}_down")(h, emb, train)
             skips.append(h)
             for i in range(self.num_blocks):
                 h = block(self.channels * mult, attention=res in self.attn_resolutions,
-                          dropout=drop(res), name=f"enc_{tag(level)}_block{i}")(h, emb, train=train)
+                          dropout=drop(res), name=f"enc_{tag(level)}_block{i}")(h, emb, train)
                 skips.append(h)
 
         # Decoder: two middle blocks (the first with attention), then per level an upsampling
@@ -199,16 +201,16 @@ class DDPMPP(nn.Module):
             res, c = x.shape[1] >> level, h.shape[-1]
             if level == len(self.channel_mult) - 1:
                 h = block(c, attention=True, dropout=drop(res),
-                          name=f"dec_{tag(level)}_in0")(h, emb, train=train)
-                h = block(c, dropout=drop(res), name=f"dec_{tag(level)}_in1")(h, emb, train=train)
+                          name=f"dec_{tag(level)}_in0")(h, emb, train)
+                h = block(c, dropout=drop(res), name=f"dec_{tag(level)}_in1")(h, emb, train)
             else:
                 h = block(c, resample="up", dropout=drop(res),
-                          name=f"dec_{tag(level)}_up")(h, emb, train=train)
+                          name=f"dec_{tag(level)}_up")(h, emb, train)
             for i in range(self.num_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 attn = i == self.num_blocks and res in self.attn_resolutions
                 h = block(self.channels * self.channel_mult[level], attention=attn,
-                          dropout=drop(res), name=f"dec_{tag(level)}_block{i}")(h, emb, train=train)
+                          dropout=drop(res), name=f"dec_{tag(level)}_block{i}")(h, emb, train)
 
         h = nn.silu(_group_norm(h.shape[-1], f"dec_{tag(0)}_aux_norm", self.dtype)(h))
         out = _conv(x.shape[-1], 3, f"dec_{tag(0)}_aux_conv", self.dtype, init=ZEROS)(h)
@@ -268,4 +270,5 @@ def from_config(model, *, dropout: float, dtype) -> DDPMPP:
         dropout_max_resolution=model.dropout_max_resolution,
         noise_channels=model.noise_channels, emb_channels=model.emb_channels,
         num_classes=model.num_classes, guidance_input=model.guidance_input,
-        modulation=model.modulation, attention_impl=model.attention_impl, dtype=dtype)
+        modulation=model.modulation, attention_impl=model.attention_impl,
+        remat=model.get("remat", "none"), dtype=dtype)

@@ -37,7 +37,8 @@ import numpy as np
 
 from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import at_least_f32, check_inputs, pixel_norm, positional_embedding
+from scm_jax.networks.layers import (at_least_f32, check_inputs, pixel_norm, positional_embedding,
+                                    remat_block)
 
 MODULATIONS = ("adn", "adaln")
 DENSE_AXES = ("embed_in", "embed_out")
@@ -137,7 +138,7 @@ class DiTBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, c, *, train: bool):
+    def __call__(self, x, c, train: bool = False):
         b, n, d = x.shape
         (shift1, scale1, gate1), (shift2, scale2, gate2) = Modulation(
             d, 2, True, self.modulation, self.dtype, name="modulation")(c)
@@ -180,6 +181,7 @@ class DiT(nn.Module):
     modulation: str = "adn"
     dropout: float = 0.0
     attention_impl: str = "xla"
+    remat: str = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -196,9 +198,9 @@ class DiT(nn.Module):
         h = h + jnp.asarray(sincos_position_embedding(gh, gw, d), self.dtype)[None]
         h = nn.with_logical_constraint(h, TOKEN_AXES)
         for i in range(self.depth):
-            h = DiTBlock(self.num_heads, self.mlp_ratio, self.qk_norm, self.modulation,
-                         self.dropout, self.attention_impl, self.dtype,
-                         name=f"block{i}")(h, c, train=train)
+            block = remat_block(DiTBlock, self.remat)
+            h = block(self.num_heads, self.mlp_ratio, self.qk_norm, self.modulation,
+                      self.dropout, self.attention_impl, self.dtype, name=f"block{i}")(h, c, train)
 
         ((shift, scale),) = Modulation(d, 1, False, self.modulation, self.dtype,
                                        name="final_modulation")(c)
@@ -260,4 +262,5 @@ def from_config(model, *, dropout: float, dtype) -> DiT:
         hidden_size=model.hidden_size, depth=model.depth, num_heads=model.num_heads,
         patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, num_classes=model.num_classes,
         guidance_input=model.guidance_input, qk_norm=model.qk_norm, modulation=model.modulation,
-        dropout=dropout, attention_impl=model.attention_impl, dtype=dtype)
+        dropout=dropout, attention_impl=model.attention_impl, remat=model.get("remat", "none"),
+        dtype=dtype)

@@ -23,7 +23,7 @@ import numpy as np
 
 from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import adaptive_double_norm, at_least_f32, check_inputs
+from scm_jax.networks.layers import adaptive_double_norm, at_least_f32, check_inputs, remat_block
 from scm_jax.networks.mp_layers import (DENSE_AXES, MP_WEIGHT, MPConv, mp_cat,
                                         mp_positional_features, mp_silu, mp_sum, normalize,
                                         project_weight)
@@ -112,7 +112,7 @@ class Block(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         c, dt = self.out_channels, self.dtype
         x = resample(x, self.resample_mode)
         needs_skip = x.shape[-1] != c
@@ -166,6 +166,7 @@ class EDM2UNet(nn.Module):
     dropout_max_resolution: int = 0     # dropout only at resolutions <= this; 0: everywhere
     modulation: str = "adn"
     attention_impl: str = "xla"
+    remat: str = "none"
     dtype: jnp.dtype = jnp.float32
 
     def _check_inputs(self, x, t, y, guidance):
@@ -212,7 +213,7 @@ class EDM2UNet(nn.Module):
         def block(channels, flavor, res, name, **kw):
             drop = self.dropout if (not self.dropout_max_resolution
                                     or res <= self.dropout_max_resolution) else 0.0
-            return Block(channels, flavor, channels_per_head=self.channels_per_head, dropout=drop,
+            return remat_block(Block, self.remat)(channels, flavor, channels_per_head=self.channels_per_head, dropout=drop,
                          res_balance=self.res_balance, attn_balance=self.attn_balance,
                          clip_act=self.clip_act, modulation=self.modulation,
                          attention_impl=self.attention_impl, dtype=self.dtype,
@@ -227,25 +228,25 @@ class EDM2UNet(nn.Module):
                 h = MPConv(channels, (3, 3), dtype=self.dtype, name=f"enc_{res}x{res}_conv")(h)
             else:
                 h = block(h.shape[-1], "enc", res, "down",
-                          resample_mode="down")(h, emb, train=train)
+                          resample_mode="down")(h, emb, train)
             skips.append(h)
             for i in range(self.num_blocks):
                 h = block(channels, "enc", res, f"block{i}",
-                          attention=res in self.attn_resolutions)(h, emb, train=train)
+                          attention=res in self.attn_resolutions)(h, emb, train)
                 skips.append(h)
 
         # Decoder, fed every encoder output through mp_cat.
         for level in reversed(range(levels)):
             res = x.shape[1] >> level
             if level == levels - 1:
-                h = block(h.shape[-1], "dec", res, "in0", attention=True)(h, emb, train=train)
-                h = block(h.shape[-1], "dec", res, "in1")(h, emb, train=train)
+                h = block(h.shape[-1], "dec", res, "in0", attention=True)(h, emb, train)
+                h = block(h.shape[-1], "dec", res, "in1")(h, emb, train)
             else:
-                h = block(h.shape[-1], "dec", res, "up", resample_mode="up")(h, emb, train=train)
+                h = block(h.shape[-1], "dec", res, "up", resample_mode="up")(h, emb, train)
             for i in range(self.num_blocks + 1):
                 h = mp_cat(h, skips.pop(), t=self.concat_balance)
                 h = block(cblock[level], "dec", res, f"block{i}",
-                          attention=res in self.attn_resolutions)(h, emb, train=train)
+                          attention=res in self.attn_resolutions)(h, emb, train)
         out = MPConv(x.shape[-1], (3, 3), dtype=self.dtype, name="out_conv")(
             h, _scalar_gain(self, "out_gain"))
         return out.astype(at_least_f32(self.dtype))
@@ -331,6 +332,7 @@ def from_config(model, *, dropout: float, dtype) -> EDM2UNet:
         attention_impl=model.attention_impl,
         dropout_max_resolution=model.dropout_max_resolution,
         modulation=model.modulation,
+        remat=model.get("remat", "none"),
         dropout=dropout,
         dtype=dtype,
     )

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from scm_jax.errors import ConfigError
+
 
 def check_inputs(x, t, y, guidance, *, num_classes: int, guidance_input: bool) -> None:
     """The checks every backbone makes of its inputs, x [B, H, W, C], t [B], y [B] int labels
@@ -34,6 +36,28 @@ def check_inputs(x, t, y, guidance, *, num_classes: int, guidance_input: bool) -
     elif guidance is not None:
         raise ValueError("a guidance scale was given to a network without a guidance input "
                          "(model.guidance_input=False)")
+
+
+# Rematerialization of a backbone's blocks (`model.remat`): 'none'; 'block' (jax.checkpoint
+# per block, nothing inside saved); or a jax.checkpoint_policies policy naming what is saved.
+REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable")
+REMAT_MODES = ("none", "block") + REMAT_POLICIES
+
+
+def remat_block(block_cls, remat: str):
+    """block_cls, or it wrapped in `nn.remat` with the policy `remat` names. Blocks are called
+    as block(x, emb, train): `train` (argument 3, counting self) is static.
+
+    Only the differentiated pass saves activations for a backward pass, so that is where remat
+    changes memory (and time); the tangent pass (a forward-mode JVP) keeps none either way.
+    """
+    if remat not in REMAT_MODES:
+        raise ConfigError(f"model.remat = {remat!r} is invalid: expected one of {REMAT_MODES}")
+    if remat == "none":
+        return block_cls
+    policy = None if remat == "block" else getattr(jax.checkpoint_policies, remat)
+    return nn.remat(block_cls, policy=policy, static_argnums=(3,))
 
 
 def at_least_f32(dtype):

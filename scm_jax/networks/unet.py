@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from scm_jax.networks.attention import SelfAttention
 from scm_jax.networks.layers import (AdaptiveDoubleNorm, ConditioningEmbedding, at_least_f32,
-                                    check_inputs)
+                                    check_inputs, remat_block)
 
 
 class ResBlock(nn.Module):
@@ -30,7 +30,7 @@ class ResBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, emb, *, train: bool):
+    def __call__(self, x, emb, train: bool = False):
         cin = x.shape[-1]
         h = nn.GroupNorm(num_groups=min(8, cin), dtype=self.dtype, name="norm0")(x)
         h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv0")(nn.silu(h))
@@ -62,6 +62,7 @@ class UNet(nn.Module):
     num_classes: int = 0
     guidance_input: bool = False
     attention_impl: str = "xla"
+    remat: str = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -70,7 +71,8 @@ class UNet(nn.Module):
                      guidance_input=self.guidance_input)
         emb = ConditioningEmbedding(self.emb_channels, self.noise_channels, self.num_classes,
                                     self.guidance_input, name="embed")(t, y, guidance)
-        block = lambda c, name: ResBlock(c, self.dropout, self.dtype, name=name)  # noqa: E731
+        block = lambda c, name: remat_block(ResBlock, self.remat)(  # noqa: E731
+            c, self.dropout, self.dtype, name=name)
         attend = lambda name: SelfAttention(self.num_heads, self.attention_impl, self.dtype,  # noqa: E731
                                             name=name)
 
@@ -82,22 +84,22 @@ class UNet(nn.Module):
                 h = nn.avg_pool(h, (2, 2), (2, 2))
                 skips.append(h)
             for i in range(self.num_blocks):
-                h = block(self.channels * mult, f"enc_{res}x{res}_block{i}")(h, emb, train=train)
+                h = block(self.channels * mult, f"enc_{res}x{res}_block{i}")(h, emb, train)
                 if res in self.attn_resolutions:
                     h = attend(f"enc_{res}x{res}_attn{i}")(h)
                 skips.append(h)
 
         res = x.shape[1] >> (len(self.channel_mult) - 1)
-        h = block(h.shape[-1], f"mid_{res}x{res}_block0")(h, emb, train=train)
+        h = block(h.shape[-1], f"mid_{res}x{res}_block0")(h, emb, train)
         h = attend(f"mid_{res}x{res}_attn")(h)
-        h = block(h.shape[-1], f"mid_{res}x{res}_block1")(h, emb, train=train)
+        h = block(h.shape[-1], f"mid_{res}x{res}_block1")(h, emb, train)
 
         for level in reversed(range(len(self.channel_mult))):
             res = x.shape[1] >> level
             for i in range(self.num_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 c = self.channels * self.channel_mult[level]
-                h = block(c, f"dec_{res}x{res}_block{i}")(h, emb, train=train)
+                h = block(c, f"dec_{res}x{res}_block{i}")(h, emb, train)
                 if res in self.attn_resolutions:
                     h = attend(f"dec_{res}x{res}_attn{i}")(h)
             if level:
@@ -124,5 +126,6 @@ def from_config(model, *, dropout: float, dtype) -> UNet:
         num_classes=model.num_classes,
         guidance_input=model.guidance_input,
         attention_impl=model.attention_impl,
+        remat=model.get("remat", "none"),
         dtype=dtype,
     )

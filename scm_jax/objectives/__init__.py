@@ -32,9 +32,10 @@ def section(name: str, **overrides):
     return get(name).section(**overrides)
 
 
-def build(config, stage_name: str) -> Objective:
-    """The objective of config.<stage_name>, built with its networks and optimizers."""
-    return get(config[stage_name].objective)(config, stage_name)
+def build(config, stage_name: str, platform: str | None = None) -> Objective:
+    """The objective of config.<stage_name>, built with its networks and optimizers for
+    `platform` (where the networks run: it resolves attention_impl 'auto'; default: JAX's)."""
+    return get(config[stage_name].objective)(config, stage_name, platform)
 
 
 __all__ = ["OBJECTIVES", "NetState", "Network", "Objective", "Teacher", "TrainState", "build",

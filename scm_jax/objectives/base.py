@@ -35,6 +35,8 @@ from scm_jax import ema as ema_lib
 from scm_jax import optimizers, sharding
 from scm_jax.errors import ConfigError
 from scm_jax.networks import BACKBONES, bind_apply, build_network
+from scm_jax.networks.attention import resolve_attention_impl
+from scm_jax.objectives.randomness import Randomness
 
 
 @struct.dataclass
@@ -65,6 +67,13 @@ class Network:
     project: Callable = dataclasses.field(default=lambda params: params)
 
 
+def all_finite(tree) -> jax.Array:
+    """One boolean: every floating-point element of `tree` is finite (integers always are)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def stage_key(seed: int, name: str) -> jax.Array:
     """The stage's base key, derived from its name: adding or reordering stages leaves every
     other stage's randomness unchanged."""
@@ -75,13 +84,17 @@ def stage_key(seed: int, name: str) -> jax.Array:
 COMMON = dict(
     objective="",
     steps=1000,
-    batch_size=128,
+    batch_size=128,            # the global batch of one optimizer step
+    microbatches=1,            # gradient accumulation: the batch in this many sequential parts
     dropout=0.0,
     log_every=50,
     checkpoint_every=500,
     keep_checkpoints=2,
     sample_every=0,            # 0: a sample grid only at the end; -1: none
     checkpoint_dir="",         # where this stage's checkpoints live ('' = <workdir>/<stage>)
+    # A step whose loss, gradients or updated parameters are not finite is not applied (the
+    # state is kept, the step counted); `max_consecutive` such steps in a row stop the run.
+    nonfinite=dict(skip=True, max_consecutive=5),
 )
 
 
@@ -126,8 +139,12 @@ class Objective(abc.ABC):
     def validate_section(cls, config, where: str) -> None:
         """Every check of config.<where>, before anything is written (ConfigError names the key)."""
         st = config[where]
-        check(st.steps >= 0, f"{where}.steps", st.steps, ">= 0")
+        check(st.steps >= 1, f"{where}.steps", st.steps,
+              ">= 1 (a stage that trains no step would produce nothing)")
         check(st.batch_size > 0, f"{where}.batch_size", st.batch_size, "> 0")
+        check(st.microbatches >= 1 and st.batch_size % st.microbatches == 0,
+              f"{where}.microbatches", st.microbatches,
+              f"a count >= 1 that divides batch_size = {st.batch_size}")
         check(0.0 <= st.dropout < 1.0, f"{where}.dropout", st.dropout, "in [0, 1)")
         check(st.log_every > 0, f"{where}.log_every", st.log_every, "a positive step count")
         check(st.checkpoint_every > 0, f"{where}.checkpoint_every", st.checkpoint_every,
@@ -135,6 +152,8 @@ class Objective(abc.ABC):
         check(st.keep_checkpoints >= 1, f"{where}.keep_checkpoints", st.keep_checkpoints, ">= 1")
         check(st.sample_every >= -1, f"{where}.sample_every", st.sample_every,
               "a step count, 0 (a grid at the end) or -1 (none)")
+        check(st.nonfinite.max_consecutive >= 1, f"{where}.nonfinite.max_consecutive",
+              st.nonfinite.max_consecutive, "a step count >= 1")
         optimizers.validate(st.optimizer, f"{where}.optimizer")
         ema_lib.validate(st.ema, f"{where}.ema")
         cls.check_section(config, where)
@@ -144,11 +163,14 @@ class Objective(abc.ABC):
         """The objective's own checks of config.<where> (override)."""
 
     # --- Construction ---------------------------------------------------------------------
-    def __init__(self, config, stage_name: str):
+    def __init__(self, config, stage_name: str, platform: str | None = None):
         self.config, self.stage_name = config, stage_name
         self.cfg = config[stage_name]
         self.sigma_d = float(config.data.sigma_d)
         self.model_cfg = self.model_config(config)
+        with self.model_cfg.unlocked():
+            self.model_cfg.attention_impl = resolve_attention_impl(
+                self.model_cfg.attention_impl, platform)
         plain = self.model_cfg.copy_and_resolve_references()
         with plain.unlocked():
             # `attention_impl` applies to the tangent pass only (see `ConsistencyObjective`):
@@ -239,7 +261,7 @@ class Objective(abc.ABC):
         return state.replace(nets=nets)
 
     # --- The step ---------------------------------------------------------------------------
-    def conditioning(self, key, batch) -> dict:
+    def conditioning(self, rng, batch) -> dict:
         """cond of the batch: labels (if class-conditional); subclasses add the rest."""
         cond = {}
         if self.model_cfg.num_classes:
@@ -247,8 +269,12 @@ class Objective(abc.ABC):
         return cond
 
     @abc.abstractmethod
-    def targets(self, key, batch, params, step, teacher, teacher_params):
-        """Everything not differentiated, from stop-gradient `params` (name -> params)."""
+    def targets(self, rng, batch, params, step, teacher, teacher_params):
+        """Everything not differentiated, from stop-gradient `params` (name -> params).
+
+        rng: the (micro)batch's `regression.Randomness` (a key per sample, a dropout key);
+        batch: its rows; teacher / teacher_params: the `Teacher` and its EMA when distilling.
+        """
 
     @abc.abstractmethod
     def loss(self, params, targets):
@@ -262,20 +288,52 @@ class Objective(abc.ABC):
         """step(state, batch, teacher_params) -> (state, metrics); pure and jittable.
 
         batch: dict(image=[B, H, W, C] float, label=[B] int). `teacher` (an
-        `objectives.Teacher`) is required when the objective distills.
+        `objectives.Teacher`) is required when the objective distills. With `microbatches`
+        k > 1 the targets and gradients are computed in k sequential parts (a `lax.scan`; part
+        i holds rows i, i + k, ..., so each part stays spread over all devices) and averaged
+        before the one optimizer update. Every sample draws its randomness from its index in
+        the global batch (`Randomness`), so without dropout the update equals the whole
+        batch's up to float rounding; dropout masks are drawn per part. metrics['nonfinite']
+        is 1 when the loss, a gradient or an updated parameter was not finite; with
+        `nonfinite.skip` that update is not applied (the state stays the last finite one).
         """
         if self.distills and teacher is None:
             raise ValueError(f"stage {self.stage_name} distills a teacher but none was given")
-        batch_size = self.cfg.batch_size
+        batch_size, parts = self.cfg.batch_size, self.cfg.microbatches
+        skip_nonfinite = bool(self.cfg.nonfinite.skip)
+
+        def value_and_grad(params, key, rows, start_or_index, part, step, teacher_params):
+            rng = Randomness.for_rows(key, start_or_index, part)
+            tgt = self.targets(rng, rows, jax.lax.stop_gradient(params), step, teacher,
+                               teacher_params)
+            return jax.value_and_grad(self.loss, has_aux=True)(params, tgt)
 
         def step(state: TrainState, batch, teacher_params):
             chex.assert_rank(batch["image"], 4)
             chex.assert_shape(batch["label"], batch["image"].shape[:1])
             key = jax.random.fold_in(state.rng, state.step)
             params = {name: net.params for name, net in state.nets.items()}
-            tgt = self.targets(key, batch, jax.lax.stop_gradient(params), state.step, teacher,
-                               teacher_params)
-            (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(params, tgt)
+            index = jnp.arange(batch["image"].shape[0], dtype=jnp.uint32)
+            if parts == 1:
+                (_, metrics), grads = value_and_grad(params, key, batch, index, 0, state.step,
+                                                     teacher_params)
+            else:
+                split = lambda a: a.reshape(a.shape[0] // parts, parts, *a.shape[1:]).swapaxes(0, 1)  # noqa: E731
+                rows, index = jax.tree.map(split, (batch, index))
+
+                def accumulate(total, xs):
+                    part_rows, part_index, part = xs
+                    (_, metrics), grads = value_and_grad(params, key, part_rows, part_index, part,
+                                                         state.step, teacher_params)
+                    return jax.tree.map(jnp.add, total, (grads, metrics)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                    lambda: value_and_grad(params, key, jax.tree.map(lambda a: a[0], rows),
+                                           index[0], 0, state.step, teacher_params)))
+                zeros = (zeros[1], zeros[0][1])
+                (grads, metrics), _ = jax.lax.scan(accumulate, zeros,
+                                                   (rows, index, jnp.arange(parts)))
+                grads, metrics = jax.tree.map(lambda a: a / parts, (grads, metrics))
             nets = {}
             for name, net in state.nets.items():
                 spec = self.networks[name]
@@ -288,7 +346,13 @@ class Objective(abc.ABC):
                                              batch_size)
                     ema = ema_lib.update_ema(ema, new, beta)
                 nets[name] = NetState(new, opt_state, ema)
+            finite = (all_finite(metrics["loss"]) & all_finite(grads)
+                      & all_finite({name: net.params for name, net in nets.items()}))
+            if skip_nonfinite:   # keep the last finite state; the step still counts
+                nets = jax.tree.map(lambda new, old: jnp.where(finite, new, old), nets,
+                                    state.nets)
             metrics["grad_norm"] = optax.tree.norm(grads)
+            metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
             return state.replace(step=state.step + 1, nets=nets), metrics
 
         return step

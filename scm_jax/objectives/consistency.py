@@ -8,12 +8,12 @@ warmed-up) tangent the subclass computes (`scm.SCM`, `discrete.DiscreteCM`).
 """
 import copy
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from scm_jax.networks import bind_apply, build_network
 from scm_jax.objectives.base import check
+from scm_jax.objectives.randomness import GUIDANCE
 from scm_jax.objectives.regression import RegressionObjective, bcast, check_proposal, per_sample_sq_norm
 
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
@@ -98,8 +98,8 @@ class ConsistencyObjective(RegressionObjective):
                   config.model.guidance_input,
                   f"True when {where} samples a range of guidance scales")
 
-    def __init__(self, config, stage_name: str):
-        super().__init__(config, stage_name)
+    def __init__(self, config, stage_name: str, platform: str | None = None):
+        super().__init__(config, stage_name, platform)
         # The tangent pass may run in its own dtype and with the fused attention+JVP kernel
         # (`model.attention_impl`); it is never differentiated.
         jvp_dtype = self.cfg.jvp_dtype or self.model_cfg.dtype
@@ -118,15 +118,13 @@ class ConsistencyObjective(RegressionObjective):
         g = self.cfg.guidance
         return (g.scale_min, g.scale_max) != (1.0, 1.0)
 
-    def conditioning(self, key, batch) -> dict:
+    def conditioning(self, rng, batch) -> dict:
         """Labels, and for a guided student the guidance scales s ~ U[scale_min, scale_max]
         (sCM Sec. 7: the student takes s as an input; the teacher is guided with the same s)."""
-        cond = super().conditioning(key, batch)
+        cond = super().conditioning(rng, batch)
         if self.model_cfg.guidance_input:
-            _, k_guid = jax.random.split(key)
             g = self.cfg.guidance
-            cond["guidance"] = jax.random.uniform(k_guid, batch["image"].shape[:1], jnp.float32,
-                                                  g.scale_min, g.scale_max)
+            cond["guidance"] = rng.uniform(GUIDANCE, g.scale_min, g.scale_max)
         return cond
 
     def teacher_velocity(self, teacher, teacher_params):

@@ -8,20 +8,19 @@ lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 of the denoiser error 
 TrigFlow, so w_phi(t) plays the role of EDM2's -logvar. Label dropout trains the null label
 (index num_classes) that classifier-free guidance uses.
 """
-import jax
 import jax.numpy as jnp
 
 from scm_jax import trigflow
 from scm_jax.objectives.base import check
+from scm_jax.objectives.randomness import LABEL_DROP, Randomness
 from scm_jax.objectives.regression import RegressionObjective, Targets, check_proposal, draw_noisy
 
 
-def diffusion_targets(key, x0, cond, *, sigma_d, p_mean, p_std) -> Targets:
+def diffusion_targets(rng: Randomness, x0, cond, *, sigma_d, p_mean, p_std) -> Targets:
     """x_t / sigma_d and the regression target v_t / sigma_d (Eq. 4)."""
-    k_noise, k_drop = jax.random.split(key)
-    t, z, x_t = draw_noisy(k_noise, x0, sigma_d=sigma_d, p_mean=p_mean, p_std=p_std)
+    t, z, x_t = draw_noisy(rng, x0, sigma_d=sigma_d, p_mean=p_mean, p_std=p_std)
     target = trigflow.velocity_target(x0.astype(jnp.float32), z, t) / sigma_d
-    return Targets(x_t / sigma_d, t, cond, target, k_drop, consistency=False)
+    return Targets(x_t / sigma_d, t, cond, target, rng.dropout_key, consistency=False)
 
 
 class Diffusion(RegressionObjective):
@@ -49,16 +48,14 @@ class Diffusion(RegressionObjective):
             model.guidance_input = False
         return model
 
-    def conditioning(self, key, batch) -> dict:
-        cond = super().conditioning(key, batch)
+    def conditioning(self, rng: Randomness, batch) -> dict:
+        cond = super().conditioning(rng, batch)
         if "y" in cond and self.cfg.label_dropout > 0:
-            k_drop, _ = jax.random.split(key)
-            null = jax.random.bernoulli(k_drop, self.cfg.label_dropout, cond["y"].shape)
+            null = rng.bernoulli(LABEL_DROP, self.cfg.label_dropout)
             cond["y"] = jnp.where(null, self.model_cfg.num_classes, cond["y"])
         return cond
 
-    def targets(self, key, batch, params, step, teacher, teacher_params) -> Targets:
-        k_cond, k_loss = jax.random.split(key)
+    def targets(self, rng, batch, params, step, teacher, teacher_params) -> Targets:
         loss = self.cfg.loss
-        return diffusion_targets(k_loss, batch["image"], self.conditioning(k_cond, batch),
+        return diffusion_targets(rng, batch["image"], self.conditioning(rng, batch),
                                  sigma_d=self.sigma_d, p_mean=loss.p_mean, p_std=loss.p_std)

@@ -13,6 +13,7 @@ from scm_jax import trigflow
 from scm_jax.objectives.base import check
 from scm_jax.objectives.consistency import (ConsistencyObjective, extend, normalize_tangent,
                                             warmup_ratio)
+from scm_jax.objectives.randomness import GRID_INDEX, NOISE, Randomness
 from scm_jax.objectives.regression import Targets, bcast, f32
 
 
@@ -62,16 +63,17 @@ def discrete_tangent(net_fn, params, teacher, x_t, t, t_prev, cond, dropout_key,
     return bcast(jnp.cos(t), x_t) * (first - warmup_ratio * second)
 
 
-def discrete_cm_targets(key, x0, cond, *, net_fn, params, teacher, step, sigma_d, p_mean, p_std,
-                        num_points, tangent_c, warmup_steps, tangent_norm="l2") -> Targets:
+def discrete_cm_targets(rng: Randomness, x0, cond, *, net_fn, params, teacher, step, sigma_d,
+                        p_mean, p_std, num_points, tangent_c, warmup_steps,
+                        tangent_norm="l2") -> Targets:
     """Targets of the discrete-time baseline dsCD with an N-point grid (Alg. 2)."""
-    k_i, k_z, k_drop = jax.random.split(key, 3)
+    k_drop = rng.dropout_key
     grid, sigmas = discrete_time_grid(num_points, sigma_d)
     probs = discrete_time_probs(sigmas, p_mean, p_std)
-    idx = 1 + jax.random.choice(k_i, num_points, x0.shape[:1], p=jnp.asarray(probs, jnp.float32))
+    idx = 1 + rng.choice(GRID_INDEX, num_points, jnp.asarray(probs, jnp.float32))
     grid = jnp.asarray(grid, jnp.float32)
     t, t_prev = grid[idx], grid[idx - 1]
-    z = sigma_d * jax.random.normal(k_z, x0.shape, jnp.float32)
+    z = sigma_d * rng.normal(NOISE, x0.shape[1:])
     x_t = trigflow.add_noise(x0.astype(jnp.float32), z, t)
     g = discrete_tangent(net_fn, jax.lax.stop_gradient(params), teacher, x_t, t, t_prev, cond,
                          k_drop, sigma_d=sigma_d, warmup_ratio=warmup_ratio(step, warmup_steps))
@@ -96,9 +98,8 @@ class DiscreteCM(ConsistencyObjective):
     def distills(self) -> bool:
         return True
 
-    def targets(self, key, batch, params, step, teacher, teacher_params) -> Targets:
-        k_cond, k_loss = jax.random.split(key)
-        return discrete_cm_targets(k_loss, batch["image"], self.conditioning(k_cond, batch),
+    def targets(self, rng, batch, params, step, teacher, teacher_params) -> Targets:
+        return discrete_cm_targets(rng, batch["image"], self.conditioning(rng, batch),
                                    net_fn=self.net_tangent, params=params["net"],
                                    teacher=self.teacher_velocity(teacher, teacher_params),
                                    step=step, num_points=self.cfg.loss.num_points,

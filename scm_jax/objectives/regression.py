@@ -20,6 +20,7 @@ from flax import struct
 from scm_jax import trigflow
 from scm_jax.networks import AdaptiveWeight
 from scm_jax.objectives.base import Network, Objective, check
+from scm_jax.objectives.randomness import TIME, NOISE, Randomness
 
 
 @struct.dataclass
@@ -54,11 +55,11 @@ def per_sample_sq_norm(a):
     return jnp.sum(jnp.square(f32(a)), axis=tuple(range(1, a.ndim)))
 
 
-def draw_noisy(key, x0, *, sigma_d, p_mean, p_std):
+def draw_noisy(rng: Randomness, x0, *, sigma_d, p_mean, p_std):
     """t from the log-normal proposal, z ~ N(0, sigma_d^2 I), x_t (Alg. 1 lines 1-3)."""
-    k_t, k_z = jax.random.split(key)
-    t = trigflow.sample_time(k_t, x0.shape[:1], p_mean, p_std, sigma_d)
-    z = sigma_d * jax.random.normal(k_z, x0.shape, jnp.float32)
+    # ln(sigma_d tan t) = tau ~ N(P_mean, P_std^2), in float32.
+    t = trigflow.time_from_sigma(jnp.exp(p_mean + p_std * rng.normal(TIME)), sigma_d)
+    z = sigma_d * rng.normal(NOISE, x0.shape[1:])
     return t, z, trigflow.add_noise(x0.astype(jnp.float32), z, t)
 
 

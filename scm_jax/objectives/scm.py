@@ -16,6 +16,7 @@ from scm_jax import trigflow
 from scm_jax.objectives.base import check
 from scm_jax.objectives.consistency import (ConsistencyObjective, extend, normalize_tangent,
                                             warmup_ratio)
+from scm_jax.objectives.randomness import Randomness
 from scm_jax.objectives.regression import Targets, bcast, draw_noisy, f32
 
 TANGENTS = ("data", "teacher")
@@ -47,14 +48,15 @@ def scm_tangent(net_fn, params, x_t, t, dxdt, cond, dropout_key, *, sigma_d, war
     return F_minus, g
 
 
-def scm_targets(key, x0, cond, *, net_fn, params, step, sigma_d, p_mean, p_std, tangent_c,
-                warmup_steps, tangent_norm="l2", prior_weighting="paper", teacher=None) -> Targets:
+def scm_targets(rng: Randomness, x0, cond, *, net_fn, params, step, sigma_d, p_mean, p_std,
+                tangent_c, warmup_steps, tangent_norm="l2", prior_weighting="paper",
+                teacher=None) -> Targets:
     """Targets of sCT (teacher=None: dx/dt = cos t z - sin t x0) or sCD (Alg. 1).
 
     teacher: a function (x_t, t, cond) -> dx_t/dt for sCD.
     """
-    k_noise, k_drop = jax.random.split(key)
-    t, z, x_t = draw_noisy(k_noise, x0, sigma_d=sigma_d, p_mean=p_mean, p_std=p_std)
+    k_drop = rng.dropout_key
+    t, z, x_t = draw_noisy(rng, x0, sigma_d=sigma_d, p_mean=p_mean, p_std=p_std)
     if teacher is None:
         dxdt = trigflow.velocity_target(x0.astype(jnp.float32), z, t)
     else:
@@ -87,10 +89,9 @@ class SCM(ConsistencyObjective):
     def distills(self) -> bool:
         return self.cfg.tangent == "teacher"
 
-    def targets(self, key, batch, params, step, teacher, teacher_params) -> Targets:
-        k_cond, k_loss = jax.random.split(key)
+    def targets(self, rng, batch, params, step, teacher, teacher_params) -> Targets:
         velocity = self.teacher_velocity(teacher, teacher_params) if self.distills else None
-        return scm_targets(k_loss, batch["image"], self.conditioning(k_cond, batch),
+        return scm_targets(rng, batch["image"], self.conditioning(rng, batch),
                            net_fn=self.net_tangent, params=params["net"], step=step,
                            teacher=velocity, prior_weighting=self.cfg.loss.prior_weighting,
                            **self.loss_settings())
