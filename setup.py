@@ -18,13 +18,15 @@ CORE = [
     "pillow>=10.0",
     "absl-py>=2.0",
     "safetensors>=0.4",   # SD-VAE weights (numpy loader; no torch)
+    "etils[epath]>=1.5",  # the path layer (local folders and gs:// alike)
 ]
 
 EXTRAS = {
     # libtpu: the TPU compiler, so the tests can compile the Mosaic kernel ahead of time for a
     # real TPU topology on a CPU host (the version jax[tpu] pins for the installed jax).
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "libtpu==0.0.42.1"],
-    "tpu": ["jax[tpu]"],
+    # gcsfs: gs:// workdirs and data through etils.epath; google-cloud-storage: TensorBoard on gs://.
+    "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
     "gpu": ["jax[cuda12]", "jax-triton>=0.3"],
     "data": ["tensorflow-cpu>=2.16"],
 }

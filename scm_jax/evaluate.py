@@ -8,30 +8,37 @@ samples are saved as `<workdir>/samples/<stage>_<nfe>.npz` (key `images`, [N, 8,
 [-1, 1], the scale the models are trained on; key `labels`, [N]). Scores: Frechet distance in
 the features of the package's digits classifier, that classifier's accuracy on the
 class-conditional samples, and k-NN (k=3) precision/recall. Results go to
-`<workdir>/results.json` and are printed as a table (primary process only).
+`<workdir>/results.json` and are printed as a table (primary process only). Sampling is
+spread over every device of `config.mesh` and every process.
 """
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from scm_jax import checkpoint as ckpt
-from scm_jax import configs, files, objectives, sampling
+from scm_jax import configs, files, objectives, sampling, sharding
 from scm_jax.data import data_shape, load_digits_splits
 from scm_jax.errors import ConfigError, MissingInputError
 from scm_jax.evaluation import DigitsEvaluator, classifier_predict, load_or_train_classifier
 
 
-def _generate(draw, params, batch_size: int, labels: np.ndarray, key) -> np.ndarray:
-    """Samples for `labels` in batches of `batch_size` (the last one padded), in [-1, 1]."""
+def _generate(draw, params, batch_size: int, labels: np.ndarray, key, mesh) -> np.ndarray:
+    """Samples for `labels` in batches of `batch_size` (the last one padded), in [-1, 1].
+
+    Each batch is split over every device of the mesh (on a multi-process run each process's
+    devices draw their share) and gathered to every process, where the primary writes it.
+    """
     out = []
+    split, repl = sharding.batch_sharded(mesh), sharding.replicated(mesh)
     for i, start in enumerate(range(0, len(labels), batch_size)):
         chunk = labels[start:start + batch_size]
         pad = batch_size - len(chunk)
         padded = np.concatenate([chunk, np.zeros(pad, chunk.dtype)]) if pad else chunk
-        images = draw(params, jax.random.fold_in(key, i), jnp.asarray(padded))
-        out.append(np.asarray(images)[:len(chunk)])
+        images = draw(params, jax.device_put(jax.random.fold_in(key, i), repl),
+                      jax.device_put(padded, split))
+        out.append(np.asarray(multihost_utils.process_allgather(images, tiled=True))[:len(chunk)])
     return np.clip(np.concatenate(out), -1.0, 1.0)
 
 
@@ -71,6 +78,9 @@ def evaluate_all(config, workdir, *, log=print) -> dict:
     say(f"[eval] digits classifier: held-out accuracy {clf_acc:.4f} ({time.time() - start:.0f}s)")
     evaluator = DigitsEvaluator(splits["train_images"], splits["train_labels"], clf)
 
+    mesh = sharding.make_mesh(config.mesh)
+    devices = sharding.batch_devices(mesh)
+    batch_size = -(-ev.batch_size // devices) * devices   # a whole share for every device
     n = ev.num_samples
     conditional = config.model.num_classes > 0
     labels = (np.arange(n) % max(config.model.num_classes, 1)).astype(np.int32)
@@ -86,16 +96,17 @@ def evaluate_all(config, workdir, *, log=print) -> dict:
             say(f"[eval] skipping {name}: no checkpoint in {ckpt.stage_dir(config, name, workdir)}")
             continue
         objective = objectives.build(config, name)
-        params, _ = ckpt.restore_stage_ema(config, name, workdir)
+        params, _ = ckpt.restore_stage_ema(config, name, workdir, mesh)
         model = objective.model_cfg
         for nfe, method in methods(objective, ev):
             t0 = time.time()
             draw = sampling.sampler(objective.net_eval, data_shape(config.data),
                                     objective.sigma_d, method, num_classes=model.num_classes,
                                     guidance_input=model.guidance_input,
-                                    scale=float(ev.guidance_scale))
-            images = _generate(draw, params, ev.batch_size, labels,
-                               jax.random.fold_in(key, len(rows)))
+                                    scale=float(ev.guidance_scale),
+                                    out_sharding=sharding.replicated(mesh))
+            images = _generate(draw, params, batch_size, labels,
+                               jax.random.fold_in(key, len(rows)), mesh)
             if primary:
                 files.save_npz(sample_dir / f"{name}_{nfe}.npz", images=images.astype(np.float32),
                                **({"labels": labels} if conditional else {}))

@@ -9,10 +9,11 @@ Multi-process runs start one process per host (or per group of devices) with --d
 on TPU VMs and SLURM clusters `jax.distributed.initialize()` finds its peers by itself; anywhere
 else pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 
-A known failure (a bad config key or value, a missing teacher or dataset, a mismatched
-checkpoint) prints one line, `error: ...`, and exits with status 2.
+Exit status: 0 when every stage did what was asked; 2 for a known failure (a bad config key
+or value, a missing teacher or dataset, a mismatched checkpoint), printed as one line
+`error: ...`; 143 (SIGTERM) or 130 (SIGINT) when a signal stopped training after a checkpoint
+at a step every process agreed on (re-run the same command to resume).
 """
-import os
 import sys
 
 from absl import app, flags, logging
@@ -28,7 +29,6 @@ flags.DEFINE_integer("num_processes", None, "With --distributed: the number of p
 flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-EXIT_USER_ERROR = 2
 
 _OVERRIDES = []   # the --config.<key>=<value> arguments, applied by configs.load
 
@@ -82,49 +82,23 @@ def dry_run(config, *, log=print) -> int:
 def parse_flags(argv):
     """absl flags, with every --config.<key>[=<value>] set aside for configs.load (a key alone
     means true). Unknown keys and bad values are reported by the loader, one line each."""
-    rest = []
-    for arg in argv:
-        if arg.startswith("--config."):
-            key, sep, value = arg[len("--config."):].partition("=")
-            _OVERRIDES.append(f"{key}={value if sep else 'true'}")
-        else:
-            rest.append(arg)
+    from scm_jax.configs import split_overrides
+
+    overrides, rest = split_overrides(argv)
+    _OVERRIDES.extend(overrides)
     try:
         return FLAGS(rest)
     except flags.Error as err:
         sys.exit(f"error: {err}\nPass --helpshort or --helpfull to see help on flags.")
 
 
-def skip_absent_tpu() -> None:
-    """On a machine with neither a TPU nor a GPU, use the CPU without probing for a TPU.
-
-    libtpu (installed by the [test] and [tpu] extras) prints initialization errors ("unexpected
-    worker hostname", ...) when JAX probes for a TPU on a host that has none. The check reads
-    the PCI bus (Google's vendor id is 0x1ae0) and the NVIDIA / ROCm device files; an explicit
-    JAX_PLATFORMS always wins.
-    """
-    import glob
-
-    if os.environ.get("JAX_PLATFORMS"):
-        return
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            if open(vendor).read().strip() == "0x1ae0":
-                return
-        except OSError:
-            continue
-    if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"):
-        return
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
     from scm_jax import configs
+    from scm_jax.cli import EXIT_USER_ERROR, one_line, skip_absent_tpu
     from scm_jax.errors import UserError
+    from scm_jax.preemption import StageInterrupted
 
     skip_absent_tpu()
     try:
@@ -135,11 +109,18 @@ def main(argv):
                                                      "process_id")
                       if getattr(FLAGS, k) is not None}
             jax.distributed.initialize(**kwargs)
+            from scm_jax import processes
+
+            # Every process here before any compile (a barrier, not a collective).
+            processes.barrier("all processes started")
         config = configs.load(FLAGS.config, _OVERRIDES)
         run(config, FLAGS.workdir, log=lambda msg: print(msg, flush=True))
     except UserError as err:
-        print("error: " + " ".join(str(err).splitlines()), file=sys.stderr, flush=True)
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except StageInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""Shared test helpers: tiny random networks in float32 or float64."""
+"""Shared test helpers: tiny random networks in float32 or float64, experiment configs, tiny
+encoded latents, and runs of several processes."""
 import functools
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -57,3 +63,83 @@ def load_experiment(name: str, arg: str | None = None, overrides=()):
 
     spec = os.path.join(REPO, "experiments", f"{name}.py") + (f":{arg}" if arg else "")
     return configs.load(spec, overrides)
+
+
+def tiny_latents(out_dir, n=48, image=64, seed=0):
+    """An encoded-latent directory as `python -m scm_jax.data.encode_latents` writes it, from a
+    stand-in encoder (random posterior means/stds of the right shape), for runlocal training."""
+    import numpy as np
+
+    from scm_jax.data import encode_latents
+
+    rng = np.random.default_rng(seed)
+    side = image // 8
+
+    def batches():
+        for start in range(0, n, 16):
+            yield dict(image=rng.uniform(-1, 1, (16, image, image, 3)).astype(np.float32),
+                       label=rng.integers(0, 1000, 16).astype(np.int32))
+
+    def encode_fn(images):
+        b = images.shape[0]
+        mean = rng.normal(0, 5, (b, side, side, 4)).astype(np.float32)
+        return mean, np.full_like(mean, 0.1)
+
+    index = encode_latents.encode_batches(batches(), encode_fn, str(out_dir), shard_batches=2,
+                                          log=lambda m: None)
+    assert index is not None and index["num_examples"] == n
+
+
+# --- Several processes of one run (jax.distributed on 127.0.0.1) -------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    # The same XLA flags as this process (conftest.py), so both compile the same arithmetic.
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                        f"--xla_backend_optimization_level=0")
+    return env
+
+
+def start_two_processes(workdir, config: str, overrides) -> list:
+    """`python -m scm_jax.main` as 2 processes of one run (4 CPU devices each). Their output
+    goes to files, not pipes: a pipe nobody drains while
+    the test waits on the other process fills up and blocks its writer inside a collective."""
+    port = free_port()
+    procs = []
+    for i in range(2):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "scm_jax.main", f"--config={config}", f"--workdir={workdir}",
+             *overrides, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+             "--num_processes=2", f"--process_id={i}"],
+            cwd=REPO, env=process_env(4), stdout=out, stderr=err, text=True))
+        procs[-1].logs = (out, err)
+    return procs
+
+
+def _read_log(log) -> str:
+    log.seek(0)
+    return log.read()
+
+
+def wait_for_output(proc, text: str, timeout: float = 600):
+    """Waits until `text` appears in the process's stdout (it prints unbuffered)."""
+    deadline = time.monotonic() + timeout
+    while text not in _read_log(proc.logs[0]):
+        assert proc.poll() is None and time.monotonic() < deadline, _read_log(proc.logs[1])[-3000:]
+        time.sleep(0.2)
+
+
+def finish_processes(procs, codes=(0, 0)):
+    for p in procs:
+        p.wait(timeout=900)
+    outputs = [(_read_log(p.logs[0]), _read_log(p.logs[1])) for p in procs]
+    for p, code, (out, err) in zip(procs, codes, outputs):
+        assert p.returncode == code, err[-3000:]
+    return outputs

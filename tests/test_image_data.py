@@ -194,7 +194,7 @@ def test_shuffle_is_a_permutation_per_epoch_and_resume_is_exact(mock_tfds):
     assert not np.array_equal(other, np.concatenate([b["image"] for b in first[:2]]))
     with pytest.raises(ValueError, match="seed=3 but this pipeline has seed=4"):
         build(4).set_state(state)
-    with pytest.raises(ValueError, match="no 'grain' entry"):
+    with pytest.raises(ValueError, match="no .batches. entry"):
         build(3).set_state({"next_index": 1})
 
 

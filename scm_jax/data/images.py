@@ -13,9 +13,9 @@ record perm_e[g mod N] of epoch e = g // N (grain's index_shuffle, reseeded per 
 batch b holds samples [bB, (b+1)B), and host p of P takes rows [n p // P, n (p+1) // P) of a
 batch of n rows. Hosts read disjoint samples (within an epoch, disjoint records), the global
 batches do not depend on the number of hosts, and the random flips are drawn per global batch,
-so they do not either. The iterator's state is grain's own (the index of the next batch,
-or each worker's position under `num_workers > 0`), saved as JSON with a signature of the
-pipeline that `set_state` checks.
+so they do not either. The iterator's state is the number of global batches delivered, with a
+signature of the pipeline that `set_state` checks (`signed_iterator.py`): a checkpoint resumes
+with any number of hosts and grain worker processes.
 """
 
 import grain
@@ -24,7 +24,7 @@ import numpy as np
 
 from scm_jax.errors import ConfigError, MissingInputError
 from scm_jax.data.image_preprocessing import adm_center_crop, uint8_to_unit_range
-from scm_jax.data.signed_iterator import SignedIterator
+from scm_jax.data.signed_iterator import SignedIterator, process_rows
 
 IMAGE_DATASETS = {
     "cifar10": dict(tfds_name="cifar10", resolution=32, num_classes=10),
@@ -163,9 +163,8 @@ class _HostRows:
     def __call__(self, keys: np.ndarray, rng: np.random.Generator):
         n = len(keys)
         flips = rng.random(n) < 0.5 if self.random_flip else np.zeros(n, bool)
-        lo = n * self.process_index // self.process_count
-        hi = n * (self.process_index + 1) // self.process_count
-        return keys[lo:hi], flips[lo:hi]
+        rows = process_rows(n, self.process_index, self.process_count)
+        return keys[rows.start:rows.stop], flips[rows.start:rows.stop]
 
 
 class _LoadRows:
@@ -191,31 +190,20 @@ class ImageBatches(SignedIterator):
     """Iterator over this host's rows of the global batches; checkpointable.
 
     next(it) -> dict(image=float32 [B/P, R, R, 3], label=int32 [B/P]); get_state() -> a JSON
-    dict; set_state(state) continues exactly where the saved iterator was. `num_batches` is the
-    length of a finite pass (None when repeating forever).
+    dict; set_state(state) continues exactly where the saved iterator was, with any number of
+    hosts or workers. `num_batches` is the length of a finite pass (None when repeating forever).
     """
 
     kind = "image"
 
-    def __init__(self, dataset, signature: dict, num_batches: int | None):
-        super().__init__(dataset, signature)
+    def __init__(self, make, signature: dict, num_batches: int | None):
+        super().__init__(make, signature)
         self.num_batches = num_batches
 
     def __next__(self) -> dict:
-        batch = next(self._iter)
+        batch = super().__next__()
         # Worker outputs live in shared memory; a copy lets grain free it right away.
         return {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
-
-    def close(self) -> None:
-        """Stops grain's worker processes (if any)."""
-        if hasattr(self._iter, "close"):
-            self._iter.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def build_image_batches(data_config, *, batch_size: int, seed: int, process_index: int = 0,
@@ -258,20 +246,24 @@ def build_image_batches(data_config, *, batch_size: int, seed: int, process_inde
     batches = batches.random_map(_HostRows(process_index, process_count, data_config.random_flip),
                                  seed=flip_seed)
     batches = batches.map(_LoadRows(source, data_config.resolution))
-    dataset = batches.to_iter_dataset(grain.ReadOptions(
-        num_threads=data_config.read_threads, prefetch_buffer_size=data_config.prefetch_batches))
-    if data_config.num_workers > 0:
-        _mark_absl_flags_parsed()
-        dataset = dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+
+    def make(start: int):
+        # Sliced after the random map, so batch b keeps its flips whatever the start.
+        dataset = batches[start:].to_iter_dataset(grain.ReadOptions(
+            num_threads=data_config.read_threads,
+            prefetch_buffer_size=data_config.prefetch_batches))
+        if data_config.num_workers > 0:
+            _mark_absl_flags_parsed()
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+        return dataset
 
     signature = dict(dataset=data_config.name, tfds_name=data_config.tfds_name,
                      split=data_config.split, resolution=data_config.resolution,
-                     random_flip=bool(data_config.random_flip), num_workers=data_config.num_workers,
-                     num_records=num_records, batch_size=batch_size, seed=int(seed),
-                     shuffle=bool(shuffle), num_epochs=num_epochs,
-                     drop_remainder=bool(drop_remainder))
-    return ImageBatches(dataset, signature, num_batches)
+                     random_flip=bool(data_config.random_flip), num_records=num_records,
+                     batch_size=batch_size, seed=int(seed), shuffle=bool(shuffle),
+                     num_epochs=num_epochs, drop_remainder=bool(drop_remainder))
+    return ImageBatches(make, signature, num_batches)
 
 
 def _mark_absl_flags_parsed() -> None:

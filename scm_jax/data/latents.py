@@ -24,7 +24,7 @@ import numpy as np
 
 from scm_jax import files
 from scm_jax.errors import ConfigError, MissingInputError
-from scm_jax.data.signed_iterator import SignedIterator
+from scm_jax.data.signed_iterator import SignedIterator, process_rows
 from scm_jax.networks.vae import AutoencoderKL
 
 # Paper constants (sCM App. G): per-channel mean and std of sd-vae-ft-mse latents of [-1, 1] images.
@@ -166,16 +166,19 @@ def build_latent_batches(data_config, *, batch_size: int, seed: int, process_ind
     """Endless shuffled batches of normalized latents: this host's rows of each global batch.
 
     `next(it)` -> dict(image=float32 [batch_size // process_count, 64, 64, 4], label=int32 [...]).
-    `it.get_state()` is a JSON-serializable dict; `it.set_state(state)` resumes exactly.
+    `it.get_state()` is a JSON-serializable dict; `it.set_state(state)` resumes exactly, with
+    any number of hosts.
 
     The global example stream is the same for any number of hosts: epoch e is the dataset under
-    grain's seeded permutation for (seed, e); host p of P takes stream positions p, p + P, ...
-    so the hosts' rows are disjoint and together form the global batch.
+    grain's seeded permutation for (seed, e); global batch b holds stream positions
+    [bB, (b+1)B), of which host p of P takes bB + p, bB + p + P, ... so the hosts' rows are
+    disjoint and together form the global batch.
 
-    `sample_posterior=True` (the default) trains on z = mean + std * eps with eps drawn afresh
-    for every (epoch, example) from the seed and the stream position, as EDM2 does: each image contributes a slightly different latent every epoch, a free augmentation
-    along the directions the VAE itself considers equivalent, and the model learns the
-    distribution the decoder was trained to invert. `False` uses the posterior mean.
+    `sample_posterior=True` (the default) trains on z = mean + std * eps with eps drawn for every
+    stream position (so afresh every epoch) from the seed and that position, as EDM2 does: each
+    image contributes a slightly different latent every epoch, a free augmentation along the
+    directions the VAE itself considers equivalent, and the model learns the distribution the
+    decoder was trained to invert. `False` uses the posterior mean.
     """
     import grain
 
@@ -183,40 +186,53 @@ def build_latent_batches(data_config, *, batch_size: int, seed: int, process_ind
         raise ConfigError(f"data.name {data_config.name!r} is not 'imagenet512_latents'")
     if not data_config.path:
         raise ConfigError("data.path is empty; expected the directory written by "
-                         "`python -m scm_jax.data.encode_latents`")
+                          "`python -m scm_jax.data.encode_latents`")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed = {seed!r}; expected an int >= 0")
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if batch_size <= 0 or batch_size % process_count:
         raise ConfigError(f"batch_size {batch_size} must be a positive multiple of the "
-                         f"{process_count} processes")
+                          f"{process_count} processes")
     source = LatentSource(data_config.path)
     size = source.index["image_size"]
     if size != [data_config.resolution] * 2:
         raise ConfigError(f"data.resolution = {data_config.resolution} but {data_config.path} "
-                         f"holds latents of {size[0]}x{size[1]} images")
-    sigma_d = float(data_config.sigma_d)
-
-    def sample(example, rng):
-        eps = rng.standard_normal(example["mean"].shape, dtype=np.float32)
-        z = example["mean"].astype(np.float32) + example["std"].astype(np.float32) * eps
-        return dict(image=normalize_latents(z, sigma_d), label=np.int32(example["label"]))
-
-    def mean(example):
-        z = example["mean"].astype(np.float32)
-        return dict(image=normalize_latents(z, sigma_d), label=np.int32(example["label"]))
-
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    # After repeat, so the posterior noise is keyed by the global stream position (epoch included).
-    ds = ds.random_map(sample) if data_config.sample_posterior else ds.map(mean)
-    ds = ds[process_index::process_count].batch(batch_size // process_count, drop_remainder=True)
+                          f"holds latents of {size[0]}x{size[1]} images")
+    rows = _LatentRows(source, float(data_config.sigma_d), bool(data_config.sample_posterior),
+                       int(seed), batch_size, process_index, process_count)
+    keys = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat(None)
+    batches = keys.batch(batch_size, drop_remainder=True).map_with_index(rows)
     options = grain.ReadOptions(num_threads=int(data_config.get("num_threads", 16)),
                                 prefetch_buffer_size=int(data_config.get("prefetch", 4)))
     signature = dict(dataset=data_config.name, num_examples=len(source), batch_size=batch_size,
-                     seed=int(seed), process_count=process_count,
-                     sample_posterior=bool(data_config.sample_posterior))
-    return LatentBatches(ds.to_iter_dataset(options), signature)
+                     seed=int(seed), sample_posterior=bool(data_config.sample_posterior))
+    return LatentBatches(lambda start: batches[start:].to_iter_dataset(options), signature)
+
+
+class _LatentRows:
+    """(global batch index b, its record indices [B]) -> this host's rows: dict(image=float32
+    [B / P, 64, 64, 4] normalized latents, label=int32 [B / P])."""
+
+    def __init__(self, source, sigma_d, sample_posterior, seed, batch_size, process_index,
+                 process_count):
+        self.source, self.sigma_d, self.sample_posterior = source, sigma_d, sample_posterior
+        self.seed, self.batch_size = seed, batch_size
+        self.process_index, self.process_count = process_index, process_count
+
+    def __call__(self, b: int, records: np.ndarray) -> dict:
+        images, labels = [], []
+        for j in process_rows(len(records), self.process_index, self.process_count):
+            example = self.source[int(records[j])]
+            z = example["mean"].astype(np.float32)
+            if self.sample_posterior:
+                position = b * self.batch_size + j    # in the global stream
+                eps = np.random.default_rng([self.seed, position]).standard_normal(
+                    z.shape, dtype=np.float32)
+                z = z + example["std"].astype(np.float32) * eps
+            images.append(normalize_latents(z, self.sigma_d))
+            labels.append(example["label"])
+        return dict(image=np.stack(images), label=np.asarray(labels, np.int32))
 
 
 class LatentBatches(SignedIterator):
