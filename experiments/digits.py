@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_classes=10,
         guidance_input=False,
         attention_impl="xla",
+        remat="none",
         dtype="float32",
     ))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))

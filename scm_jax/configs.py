@@ -133,6 +133,19 @@ def override(config, item: str) -> None:
         parent[leaf] = parse_value(text, parent[leaf], key.strip())
 
 
+def split_overrides(argv) -> tuple:
+    """(['key=value', ...], the other arguments) of a command line: every --config.<key>=<value>
+    is a config override (--config.<key> alone means true)."""
+    overrides, rest = [], []
+    for arg in argv:
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config."):].partition("=")
+            overrides.append(f"{key}={value if sep else 'true'}")
+        else:
+            rest.append(arg)
+    return overrides, rest
+
+
 def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
     """The config of 'experiments/<name>.py[:arg]' with 'key=value' overrides applied, locked
     against new keys (a misspelled key is an error, not a new entry)."""

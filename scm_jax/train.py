@@ -1,9 +1,10 @@
 """train_stage(config, name, workdir): one training stage, the one place that knows the mesh, the
 data, the checkpoints and the metrics at once.
 
-Sections: config check -> objective -> mesh -> data -> teacher -> shapes and shardings
-(jax.eval_shape) -> jit(step) -> restore, or initialize (CMs from the teacher's EMA) -> the step
-loop with logging, checkpoints and sample grids -> final checkpoint.
+Sections: config check -> the stage on its mesh (`stage.build_stage`: objective, shapes and
+shardings from jax.eval_shape, the jitted step; the compile check builds the same) -> data ->
+teacher -> restore, or initialize (CMs from the teacher's EMA) -> the step loop with logging,
+checkpoints and sample grids -> final checkpoint.
 
 On a multi-process run every process runs this function; the primary one alone prints and
 writes the side files (config.json, metrics, TensorBoard, grids), orbax writes the checkpoint.
@@ -13,10 +14,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from scm_jax import checkpoint as ckpt
-from scm_jax import configs, files, objectives, sampling, sharding
-from scm_jax.data import build_train_batches, data_shape
+from scm_jax import configs, files, objectives, preemption, processes, sampling, sharding
+from scm_jax.data import build_train_batches
 from scm_jax.errors import ConfigError, UserError
 from scm_jax.metrics_log import MetricLogger, save_image_grid
+from scm_jax.run_lock import StageLock
+from scm_jax.stage import build_stage
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite steps: the run stops at its last finite state."""
 
 GRID_PER_CLASS = 10        # a progress grid: 10 samples of each of the first 10 classes
 GRID_TEACHER_STEPS = 18    # a diffusion model's grid: DPM-Solver-2S, 35 NFE (sCM App. G.1)
@@ -90,85 +97,146 @@ def train_stage(config, name: str, workdir, *, log=print):
         raise ConfigError(f"unknown training stage {name!r}; expected one of "
                           f"{configs.training_stages(config)}")
     cfg = config[name]
-    objective = objectives.build(config, name)
+
+    # --- The stage on its mesh: objective, shapes, shardings, the jitted step ---------------
+    stage = build_stage(config, name)
+    objective, mesh = stage.objective, stage.mesh
     directory = ckpt.stage_dir(config, name, workdir)
     record = ckpt.stage_record(config, objective)
     ckpt.check_stage_config(directory, record)
-    shape = data_shape(config.data)
     resuming = ckpt.has_checkpoint(directory)
 
-    # --- Mesh and data ----------------------------------------------------------------------
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config.mesh)
-    sharding.check_batch_size(cfg.batch_size, mesh, f"{name}.batch_size")
+    # --- Data -------------------------------------------------------------------------------
     batches = build_train_batches(config.data, batch_size=cfg.batch_size, seed=config.seed,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
 
     # --- Teacher: distilled at every step, or only the start of a fresh run -----------------
-    teacher, teacher_params = None, None
+    teacher_params = None
     if objective.teacher_stage and (objective.distills or not resuming):
+        # Restored straight into the shardings the step was jitted with.
         teacher_params, _ = ckpt.restore_stage_ema(config, objective.teacher_stage, workdir,
-                                                   mesh, rules)
-    if objective.distills:
-        teacher = objectives.Teacher(objectives.build(config, objective.teacher_stage))
-
-    # --- Shapes and shardings ---------------------------------------------------------------
-    try:
-        abstract, state_sharding = objective.abstract_state(shape, mesh, rules)
-    except ValueError as err:
-        if isinstance(err, UserError):
-            raise
-        raise ConfigError(f"config.model does not build a network for {config.data.name} "
-                          f"inputs of shape {shape}: {err}") from err
+                                                   mesh, stage.rules,
+                                                   abstract_ema=stage.teacher_abstract, log=say)
     step_teacher = teacher_params if objective.distills else None
-    # The teacher was restored straight into its shardings.
-    teacher_sharding = jax.tree.map(lambda a: a.sharding, step_teacher)
-    step_fn = jax.jit(objective.make_step(teacher),
-                      in_shardings=(state_sharding, sharding.batch_sharded(mesh), teacher_sharding),
-                      out_shardings=(state_sharding, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
 
-    # --- Restore or initialize --------------------------------------------------------------
-    store = ckpt.CheckpointStore(directory, keep=cfg.keep_checkpoints)
+    # --- One run per stage directory, from here on (nothing was written before) -------------
+    with StageLock(directory, log=say):
+        store = ckpt.CheckpointStore(directory, keep=cfg.keep_checkpoints)
+        logger = None
+        try:
+            state, logger = _restore_or_initialize(config, name, stage, store, batches, workdir,
+                                                   teacher_params, resuming, record, say)
+            del teacher_params   # the step holds its own reference when it distills
+            state = _loop(config, name, stage, store, batches, logger, state, step_teacher,
+                          directory, say)
+        except BaseException:
+            _close_quietly(say, store.close, logger.close if logger else None)
+            raise
+        store.close()   # waits for the last save; raises if it failed
+        logger.close()
+    return state
+
+
+def _restore_or_initialize(config, name, stage, store, batches, workdir, teacher_params,
+                           resuming, record, say):
+    """(state, logger): the newest intact checkpoint's state (and data position), or a fresh
+    one (a CM from its teacher's EMA); metrics.jsonl truncated to the restored step."""
+    objective, directory = stage.objective, store.directory
     if resuming:
-        state, data_state = store.restore(abstract)
+        state, data_state, step = store.restore_latest_intact(stage.abstract_state, log=say)
+        if not ckpt.all_finite(state):
+            raise ckpt.CheckpointMismatchError(
+                f"checkpoint {step} in {directory} holds non-finite values (NaN or inf); it "
+                f"cannot be resumed: delete it (and any later one) or the stage directory")
         batches.set_state(data_state)
         say(f"[{name}] resumed from step {int(state.step)} in {directory}")
     else:
-        state = jax.jit(lambda k: objective.init_state(k, shape), out_shardings=state_sharding)(
-            objectives.stage_key(config.seed, name))
-        if teacher_params is not None and cfg.init_from_teacher:
+        state = jax.jit(lambda k: objective.init_state(k, stage.image_shape),
+                        out_shardings=stage.state_sharding)(objectives.stage_key(config.seed, name))
+        if teacher_params is not None and config[name].init_from_teacher:
             # sCM App. G.2: every CM starts from the teacher's EMA parameters.
             where = ckpt.stage_dir(config, objective.teacher_stage, workdir)
             net = merge_teacher_params(state.nets["net"].params, teacher_params, where)
-            state = jax.device_put(objective.with_params(state, "net", net), state_sharding)
+            state = jax.device_put(objective.with_params(state, "net", net), stage.state_sharding)
         ckpt.write_record(directory, record)
-    del teacher_params   # the step holds its own reference when it distills
-
-    # --- Loop -------------------------------------------------------------------------------
-    logger = MetricLogger(directory, name=name, total_steps=cfg.steps, log=say,
+    logger = MetricLogger(directory, name=name, total_steps=config[name].steps, log=say,
                           resume_step=int(state.step) if resuming else None)
-    grid, rows = grid_sampler(objective, shape, mesh) if cfg.sample_every >= 0 else (None, 0)
+    return state, logger
+
+
+def _loop(config, name, stage, store, batches, logger, state, step_teacher, directory, say):
+    """The steps, with logging, checkpoints, grids, the stop signal and the non-finite guard.
+
+    The step's stop and non-finite flags are read one step late, so the host never waits for
+    the step it has just dispatched.
+    """
+    cfg, objective, mesh = config[name], stage.objective, stage.mesh
+    grid, rows = grid_sampler(objective, stage.image_shape, mesh) if cfg.sample_every >= 0 \
+        else (None, 0)
     start = int(state.step)
-    try:
+    # The executable the compile check measures, compiled before the first step on every
+    # process alike (then a barrier: see processes.py).
+    step_fn, seconds = processes.compile_together(stage.lower(), f"{name} step compiled")
+    say(f"[{name}] step compiled in {seconds:.1f} s")
+    previous = None
+    consecutive = skipped = 0
+    with preemption.SignalWatch(mesh) as watch:
         for step in range(start, cfg.steps):
             batch = sharding.shard_batch(next(batches), mesh)
-            with sharding.activation_sharding(mesh, rules):
-                state, metrics = step_fn(state, batch, step_teacher)
+            state, metrics = step_fn(state, batch, step_teacher, watch.flags())
             done = step + 1
+            store.check()   # a failed background save stops the run here
+            stop = False
+            if previous is not None:
+                flags = jax.device_get({k: previous[k] for k in ("stop_requested", "nonfinite")})
+                stop = bool(flags["stop_requested"])
+                consecutive = consecutive + 1 if flags["nonfinite"] else 0
+                skipped += int(flags["nonfinite"])
+                if flags["nonfinite"]:
+                    say(f"[{name}] warning: step {done - 1} had a non-finite loss, gradient or "
+                        f"parameter; its update was not applied ({consecutive} in a row)")
+                if consecutive >= cfg.nonfinite.max_consecutive:
+                    raise TrainingDiverged(
+                        f"stage {name}: {consecutive} consecutive steps up to step {done - 1} "
+                        f"had a non-finite loss, gradients or parameters (none was applied); "
+                        f"the last finite checkpoint is step {store.latest_step()} in "
+                        f"{directory}/checkpoints. Lower config.{name}.optimizer.lr or clip "
+                        f"gradients (optimizer.grad_clip), then re-run to resume from it")
+            previous = metrics
             if done % cfg.log_every == 0 or done == cfg.steps:
-                logger.write(done, jax.device_get(metrics), images=done * cfg.batch_size)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                store.save(done, state, batches.get_state(), force=done == cfg.steps)
+                logged = {k: v for k, v in jax.device_get(metrics).items()
+                          if k not in ("stop_requested", "nonfinite")}
+                logger.write(done, dict(logged, skipped_steps=skipped),
+                             images=done * cfg.batch_size)
+            if stop or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                # With nonfinite.skip the state is finite by construction; without it, a
+                # non-finite state is never written (the last finite checkpoint stays newest).
+                if not cfg.nonfinite.skip and not ckpt.all_finite(state):
+                    raise TrainingDiverged(
+                        f"stage {name}: the state at step {done} is not finite, so it was not "
+                        f"saved; the last finite checkpoint is step {store.latest_step()} in "
+                        f"{directory}/checkpoints (config.{name}.nonfinite.skip=True skips "
+                        f"such updates instead)")
+                store.save(done, state, batches.get_state(), force=stop or done == cfg.steps)
+            if stop:
+                raise preemption.StageInterrupted(watch.reported_signal(), name, done, directory)
             if cfg.sample_every > 0 and done % cfg.sample_every == 0:
                 write_grid(grid(state.nets["net"].ema, done), directory, done, rows,
                            objective.sigma_d)
-        if cfg.steps > start and grid is not None:
-            step = int(state.step)
-            write_grid(grid(state.nets["net"].ema, step), directory, step, rows,
-                       objective.sigma_d)
-    finally:
-        store.close()
-        logger.close()
+    if cfg.steps > start and grid is not None:
+        step = int(state.step)
+        write_grid(grid(state.nets["net"].ema, step), directory, step, rows, objective.sigma_d)
     return state
+
+
+def _close_quietly(say, *closers) -> None:
+    """Runs every closer while another error propagates: theirs are reported, not raised, so
+    the first error (e.g. the storage layer's) is the one the run ends with."""
+    for close in closers:
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception as err:  # noqa: BLE001 - reported; the original error wins
+            say(f"warning: while stopping: {type(err).__name__}: {err}")

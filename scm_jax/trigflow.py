@@ -37,7 +37,7 @@ def sample_time(key: jax.Array, shape, p_mean: float, p_std: float, sigma_d: flo
     Computed in float32 whatever the compute dtype.
     """
     tau = p_mean + p_std * jax.random.normal(key, shape, jnp.float32)
-    return jnp.arctan(jnp.exp(tau) / sigma_d)
+    return time_from_sigma(jnp.exp(tau), sigma_d)
 
 
 def consistency_fn(x_t: jax.Array, t: jax.Array, F: jax.Array, sigma_d: float) -> jax.Array:

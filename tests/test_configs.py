@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from scm_jax import configs, main
+from scm_jax.cli import EXIT_USER_ERROR
 from scm_jax.errors import ConfigError
 from tests.helpers import REPO, load_experiment
 
@@ -47,7 +48,7 @@ def _cli(args, workdir, env=None):
 
 
 def _one_line_error(proc, expected: str):
-    assert proc.returncode == main.EXIT_USER_ERROR, (proc.returncode, proc.stderr[-2000:])
+    assert proc.returncode == EXIT_USER_ERROR, (proc.returncode, proc.stderr[-2000:])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert expected in lines[0], lines[0]
