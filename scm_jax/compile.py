@@ -240,9 +240,18 @@ def network_flops_per_image(config, name: str) -> float:
     return float(_cost(lowered).get("flops", float("nan")))
 
 
-def check(config, name: str, topology: Topology, *, log=print) -> dict:
+def teacher_cache_key(config, name: str, topology: Topology) -> tuple:
+    """What the teacher step compiled beside stage `name` depends on."""
+    return (topology.product, topology.num_slices, config[name].batch_size,
+            config[name].microbatches, repr(sorted(config.mesh.items())),
+            repr(sorted(config.model.items())))
+
+
+def check(config, name: str, topology: Topology, *, log=print, teacher_cache=None) -> dict:
     """Compiles stage `name` and the teacher (diffusion) step of the same network, batch and
-    mesh for `topology`; returns the report (what --json writes)."""
+    mesh for `topology`; returns the report (what --json writes). `teacher_cache` (a dict kept
+    by the caller) reuses a teacher compile across stages with the same batch, mesh and model
+    (one compile of a large step on a CPU host takes many minutes)."""
     from scm_jax import configs, sharding
     from scm_jax.errors import ConfigError
 
@@ -262,7 +271,15 @@ def check(config, name: str, topology: Topology, *, log=print) -> dict:
         with same.unlocked():
             same[teacher_name].batch_size = config[name].batch_size
             same[teacher_name].microbatches = config[name].microbatches
-        teacher = report if teacher_name == name else compile_stage(same, teacher_name, mesh)
+        key = teacher_cache_key(config, name, topology)
+        cache = {} if teacher_cache is None else teacher_cache
+        if teacher_name == name:
+            teacher = report
+        elif key not in cache:
+            teacher = compile_stage(same, teacher_name, mesh)
+        else:
+            teacher = cache[key]
+        cache[key] = {k: teacher[k] for k in ("seconds", "peak_bytes", "flops")}
     flops_image = network_flops_per_image(config, name)
     images_per_s = report["batch_size"] / report["seconds"]
     mfu = flops_image * images_per_s / (chips * topology.chip.peak_bf16_flops)
