@@ -306,6 +306,10 @@ def check(config, name: str, topology: Topology, *, log=print, teacher_cache=Non
         teacher_flops_per_step=teacher["flops"] if teacher else None,
         step_seconds_vs_teacher=report["seconds"] / teacher["seconds"] if teacher else None,
         flops_vs_teacher=report["flops"] / teacher["flops"] if teacher else None,
+        # XLA's cost analysis of the partitioned program counts one chip's FLOPs; a compute
+        # estimate faster than the chip's peak at those FLOPs is not a credible time.
+        estimate_above_peak=bool(report["flops"] > report["compute_seconds"]
+                                 * topology.chip.peak_bf16_flops),
     )
     log(format_report(out))
     return out
@@ -322,7 +326,7 @@ def format_report(r: dict) -> str:
         f"{gib(r['output_bytes_per_chip'])}, temporaries {gib(r['temp_bytes_per_chip'])}, "
         f"donated {gib(r['alias_bytes_per_chip'])}; total {gib(r['peak_bytes_per_chip'])} of "
         f"{gib(r['hbm_bytes_per_chip'])} HBM: {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"  step: {r['flops_per_step'] / 1e12:.2f} TFLOP, estimated {r['step_seconds'] * 1e3:.1f} ms"
+        f"  step: {r['flops_per_step'] / 1e12:.2f} TFLOP per chip, estimated {r['step_seconds'] * 1e3:.1f} ms"
         f" = compute {r['compute_seconds'] * 1e3:.1f} ms (the compiler's lower bound) + "
         f"collectives {r['communication_seconds'] * 1e3:.1f} ms (their bytes over the "
         f"interconnect, no overlap) -> {r['images_per_second']:.0f} images/s, MFU "
@@ -339,6 +343,9 @@ def format_report(r: dict) -> str:
             f"{r['teacher_step_seconds'] * 1e3:.1f} ms, {gib(r['teacher_peak_bytes_per_chip'])} "
             f"per chip; this step / teacher: time {r['step_seconds_vs_teacher']:.2f}x, FLOPs "
             f"{r['flops_vs_teacher']:.2f}x")
+    if r.get("estimate_above_peak"):
+        lines.append("  warning: the compiler's compute estimate implies more than the chip's "
+                     "peak FLOP/s for this step's FLOPs: its time (and MFU) is not credible")
     return "\n".join(lines)
 
 

@@ -73,7 +73,7 @@ def test_the_command_reports_fit_speed_and_mfu_as_json(tmp_path):
     report = json.loads(out.read_text())
     for key in ("topology", "chips", "hbm_bytes_per_chip", "peak_bytes_per_chip", "fits",
                 "flops_per_step", "step_seconds", "mfu", "teacher_step_seconds",
-                "teacher_peak_bytes_per_chip", "mesh", "remat"):
+                "teacher_peak_bytes_per_chip", "mesh", "remat", "estimate_above_peak"):
         assert key in report, key
     assert report["chips"] == 4 and report["fits"] and report["mesh"] == {"data": 2, "fsdp": 2}
     assert report["remat"] == "block" and 0 < report["mfu"] < 1
