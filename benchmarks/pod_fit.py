@@ -24,7 +24,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from scm_jax import compile as cc
 from scm_jax import configs, objectives, sharding
@@ -120,13 +119,10 @@ def tangent_pass(spec: str, impl: str, product: str) -> dict:
     with sharding.activation_sharding(mesh, stage.rules):
         compiled = jax.jit(targets).lower(stage.abstract_state, stage.batch_abstract,
                                           stage.teacher_abstract).compile()
-    memory = compiled.memory_analysis()
-    cost = cc._cost(compiled)
+    figures = cc.compiled_figures(compiled, mesh)
     return dict(spec=spec, attention_impl=objective.model_cfg.attention_impl, topology=product,
-                peak_bytes_per_chip=int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                        + memory.temp_size_in_bytes),
-                temp_bytes_per_chip=int(memory.temp_size_in_bytes),
-                seconds=float(cost.get("optimal_seconds", float("nan"))))
+                peak_bytes_per_chip=figures["peak_bytes"],
+                temp_bytes_per_chip=figures["temp_bytes"], seconds=figures["seconds"])
 
 
 def main(argv=None):

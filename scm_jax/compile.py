@@ -189,6 +189,15 @@ def compile_stage(config, name: str, mesh) -> dict:
     stage = build_stage(config, name, mesh)
     lowered = stage.lower()
     compiled = lowered.compile()
+    return dict(
+        stage=name, objective=config[name].objective, batch_size=int(config[name].batch_size),
+        microbatches=int(config[name].microbatches),
+        attention_impl=stage.objective.model_cfg.attention_impl, lowered=lowered,
+        **compiled_figures(compiled, mesh))
+
+
+def compiled_figures(compiled, mesh) -> dict:
+    """Per-chip memory, FLOPs and estimated seconds of a program compiled for `mesh`."""
     memory = compiled.memory_analysis()
     cost = _cost(compiled)
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -204,16 +213,13 @@ def compile_stage(config, name: str, mesh) -> dict:
                      ICI_BYTES_PER_S["v5p"])
     communication = sum(breakdown["collective_bytes"].values()) / bandwidth
     return dict(
-        stage=name, objective=config[name].objective, batch_size=int(config[name].batch_size),
-        microbatches=int(config[name].microbatches),
-        attention_impl=stage.objective.model_cfg.attention_impl,
         argument_bytes=int(memory.argument_size_in_bytes),
         output_bytes=int(memory.output_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
         peak_bytes=int(peak), flops=float(cost.get("flops", float("nan"))),
         seconds=compute + communication, compute_seconds=compute,
-        communication_seconds=communication, unestimated_ops=unknown, lowered=lowered,
-        compiled=compiled, **breakdown)
+        communication_seconds=communication, unestimated_ops=unknown, compiled=compiled,
+        **breakdown)
 
 
 def network_flops_per_image(config, name: str) -> float:
