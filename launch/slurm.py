@@ -27,8 +27,9 @@ TEMPLATE = """#!/bin/bash
 #SBATCH --output=logs/{job}-%j.out
 {extra}set -euo pipefail
 mkdir -p logs
-# The coordinator: process 0 on the first node of the allocation.
-head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The coordinator: process 0 on the first node of the allocation. (sed reads the whole list:
+# `head -n 1` would close the pipe early, and pipefail would end the job on scontrol's SIGPIPE.)
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 export SCM_COORDINATOR="$head:{port}"
 srun --kill-on-bad-exit=1 --output=logs/{job}-%j-%t.log bash -c \\
   'cd {workdir_repo} && exec {command} --distributed \\

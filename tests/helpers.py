@@ -100,9 +100,11 @@ def free_port() -> int:
 
 def process_env(devices: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    # The same XLA flags as this process (conftest.py), so both compile the same arithmetic.
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        f"--xla_backend_optimization_level=0")
+    # The same XLA flags as this process (conftest.py), so both compile the same arithmetic,
+    # with `devices` CPU devices.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count=")]
+    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])
     return env
 
 
