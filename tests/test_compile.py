@@ -37,13 +37,14 @@ def v5p8():
 
 @pytest.fixture(scope="module")
 def in512_reports(v5p8):
-    """Every stage of the guided ImageNet 512 runlocal preset (EDM2 U-Net with attention)."""
+    """The paper's stages of the guided ImageNet 512 runlocal preset (EDM2 U-Net with attention;
+    the dsCD baseline's step is built by the same code and compiled on CPU in tests/test_train.py)."""
     config = load_experiment("imagenet512", "variant=runlocal")
     mesh = sharding.make_mesh(config.mesh, v5p8[1])
-    return {name: cc.compile_stage(config, name, mesh) for name in ("teacher", "sct", "scd", "dscd")}
+    return {name: cc.compile_stage(config, name, mesh) for name in ("teacher", "sct", "scd")}
 
 
-@pytest.mark.parametrize("name", ["teacher", "sct", "scd", "dscd"])
+@pytest.mark.parametrize("name", ["teacher", "sct", "scd"])
 def test_every_stage_compiles_for_v5p_with_the_tpu_kernel(in512_reports, v5p8, name):
     r = in512_reports[name]
     assert 0 < r["peak_bytes"] < v5p8[0].chip.hbm_bytes and r["flops"] > 0 and r["seconds"] > 0
@@ -56,9 +57,8 @@ def test_every_stage_compiles_for_v5p_with_the_tpu_kernel(in512_reports, v5p8, n
     teacher = in512_reports["teacher"]
     ratio = r["flops"] / teacher["flops"]
     # FLOP bounds: sCT ~ 4/3 (the JVP's primal shared with the gradient pass's forward, the
-    # kernel's attention on top), guided sCD ~ 2 (two teacher forwards); dsCD: the teacher and
-    # a second student forward at t' (the one at t is the gradient pass's).
-    bounds = dict(teacher=(1.0, 1.0), sct=(1.2, 1.6), scd=(1.7, 2.5), dscd=(1.4, 2.1))[name]
+    # kernel's attention on top), guided sCD ~ 2 (two teacher forwards).
+    bounds = dict(teacher=(1.0, 1.0), sct=(1.2, 1.6), scd=(1.7, 2.5))[name]
     assert bounds[0] <= round(ratio, 6) <= bounds[1], (name, ratio)
 
 

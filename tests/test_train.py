@@ -50,7 +50,8 @@ def _params(state):
     return jax.tree.leaves(jax.device_get({n: net.params for n, net in state.nets.items()}))
 
 
-@pytest.mark.parametrize("name", STAGES)
+# sCT is the sCD step's objective with the data tangent: its sharding is the same code's.
+@pytest.mark.parametrize("name", ("teacher", "scd", "dscd"))
 def test_step_on_8_devices_equals_single_device(name, teacher_dir, tmp_path):
     assert len(jax.devices()) == 8
     results = []
@@ -203,7 +204,20 @@ def test_the_train_loop_traces_its_step_once(tmp_path, monkeypatch):
     monkeypatch.setattr(objectives.Objective, "make_step",
                         lambda self, teacher=None: chex.assert_max_traces(
                             make_step(self, teacher), n=1))
-    config = tiny_config(**{"mesh.data": 1, "teacher.steps": 4, "teacher.sample_every": 2})
-    state = train.train_stage(config, "teacher", str(tmp_path), log=_quiet)
+    config = tiny_config(**{"mesh.data": 1, "teacher.steps": 4, "teacher.sample_every": 2,
+                            "teacher.eval_every": 2})
+    lines = []
+    state = train.train_stage(config, "teacher", str(tmp_path), log=lines.append)
     assert int(state.step) == 4
     assert (tmp_path / "teacher" / "samples_0000002.png").exists()
+    # The in-training evaluation (config.eval.in_loop_samples of the EMA every eval_every
+    # steps) writes its own rows, after the step's.
+    import json
+
+    rows = [json.loads(r) for r in
+            (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/fd" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval/fd"] > 0 and 0 <= r["eval/precision"] <= 1 for r in evals)
+    assert evals[0]["eval/fd"] != evals[1]["eval/fd"]   # the EMA moved; the noise is fixed
+    assert any("[teacher] step 4: eval/fd=" in line for line in lines)
