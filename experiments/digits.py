@@ -17,6 +17,7 @@ the tangent warm-up H is shortened in proportion to the run length; EDM2's force
 import ml_collections
 
 from scm_jax import configs, objectives, optimizers
+from scm_jax.evaluation import settings as eval_settings
 from scm_jax.errors import ConfigError
 
 
@@ -69,14 +70,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dscd = objectives.section("discrete", steps=steps(400),
                                      **dict(cm, loss=dict(cm["loss"], num_points=256)))
 
-    config.eval = ml_collections.ConfigDict(dict(
+    # The digits classifier's scores (scm_jax.evaluation.evaluators.DigitsScorer), not FID.
+    config.eval = eval_settings.eval_section(
         num_samples=64 if tiny else 1500,
         batch_size=64 if tiny else 500,
+        consistency_steps=(1, 2),
         teacher_steps=(2, 3) if tiny else (18, 8, 4, 2),   # NFE = 2 * steps - 1: 35, 15, 7, 3
         teacher_solver="dpm2s",
-        t_mid=1.1,
-        guidance_scale=1.0,
+        features=(), pr_samples=0, grid_samples=100, in_loop_samples=64 if tiny else 500,
         classifier_steps=50 if tiny else 0,   # 0 = the classifier's default training length
         seed=1,
-    ))
+    )
     return config

@@ -18,7 +18,6 @@ ConfigError naming the key, the bad value and what was expected.
 import ast
 import difflib
 import importlib.util
-import math
 import os
 
 import ml_collections
@@ -26,6 +25,7 @@ import ml_collections
 from scm_jax import data as data_lib
 from scm_jax import objectives
 from scm_jax.errors import ConfigError, MissingInputError
+from scm_jax.evaluation import settings as eval_settings
 from scm_jax.networks import validate_model_config
 from scm_jax.objectives.base import check
 
@@ -190,17 +190,4 @@ def validate(config) -> None:
     for name in stages:
         objectives.get(config[name].objective).validate_section(config, name)
     if "eval" in config:
-        _validate_eval(config.eval)
-
-
-def _validate_eval(ev) -> None:
-    from scm_jax import sampling
-
-    check(ev.num_samples > 3, "eval.num_samples", ev.num_samples, "> 3 (k-NN with k = 3)")
-    check(ev.batch_size > 0, "eval.batch_size", ev.batch_size, "> 0")
-    check(all(int(s) >= 1 for s in ev.teacher_steps), "eval.teacher_steps",
-          tuple(ev.teacher_steps), "solver step counts >= 1")
-    check(ev.teacher_solver in sampling.SOLVERS, "eval.teacher_solver", ev.teacher_solver,
-          f"one of {sampling.SOLVERS}")
-    check(0.0 < ev.t_mid < math.pi / 2, "eval.t_mid", ev.t_mid, "in (0, pi/2)")
-    check(ev.guidance_scale >= 0, "eval.guidance_scale", ev.guidance_scale, ">= 0")
+        eval_settings.validate(config.eval)

@@ -1,60 +1,118 @@
-"""The evaluation stage: sample every trained model, score it, write the table.
+"""The evaluation stage: sample every trained model every way the config asks, score it, write
+the table.
 
-For the digits experiment: every training stage of `config.pipeline` that has a checkpoint,
-sampled as its objective says (`objective.sampler`): a diffusion model at each solver length of
-`config.eval.teacher_steps` (2N - 1 evaluations for N steps), a consistency model at 1 and 2
-steps (t_mid = config.eval.t_mid); and the held-out real split as the floor. Each model's
-samples are saved as `<workdir>/samples/<stage>_<nfe>.npz` (key `images`, [N, 8, 8, 1] in
-[-1, 1], the scale the models are trained on; key `labels`, [N]). Scores: Frechet distance in
-the features of the package's digits classifier, that classifier's accuracy on the
-class-conditional samples, and k-NN (k=3) precision/recall. Results go to
-`<workdir>/results.json` and are printed as a table (primary process only). Sampling is
-spread over every device of `config.mesh` and every process.
+For every training stage of `config.pipeline` with a checkpoint (its EMA), every sampler of
+`plan` (a diffusion model at each solver length of `eval.teacher_steps`, a consistency model at
+each M of `eval.consistency_steps`: 1 step, 2 steps with t_mid, multistep) and every guidance
+scale of `eval.guidance_scales` when the model is guided, `eval.num_samples` samples are drawn
+over every device of `config.mesh` and every process, `eval.batch_size` at a time, each chunk
+from the row's key folded with the chunk's index (so no two chunks share noise, and the samples
+do not depend on the number of processes), class labels cycling through the classes. The
+scorer (`evaluation.evaluators`) turns them into FID / FD-DINOv2 / precision / recall (the
+paper's datasets) or the digits classifier's scores.
+
+Outputs (primary process): `<workdir>/results.json` (rewritten after every row: a re-run skips
+the rows it holds and resumes an interrupted row from `eval/<row>.partial.npz`), the table
+printed at the end, a PNG grid per row in `<workdir>/eval/`, and samples in
+`<workdir>/samples/` (digits: `<stage>_<nfe>[_g<scale>].npz`, images [N, 8, 8, 1] in [-1, 1] and
+labels [N]; other datasets with `eval.save_samples`: uint8 chunks `<row>/<chunk>.npz`).
 """
 import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from scm_jax import checkpoint as ckpt
 from scm_jax import configs, files, objectives, sampling, sharding
-from scm_jax.data import data_shape, load_digits_splits
-from scm_jax.errors import ConfigError, MissingInputError
-from scm_jax.evaluation import DigitsEvaluator, classifier_predict, load_or_train_classifier
+from scm_jax.data import data_shape
+from scm_jax.errors import MissingInputError
+from scm_jax.evaluation import evaluators
+from scm_jax.metrics_log import save_image_grid
 
 
-def _generate(draw, params, batch_size: int, labels: np.ndarray, key, mesh) -> np.ndarray:
-    """Samples for `labels` in batches of `batch_size` (the last one padded), in [-1, 1].
+def guidance_scales(objective, ev) -> tuple:
+    """The scales a model is sampled at: `ev.guidance_scales` for a student trained over a range
+    of scales and for a teacher trained with label dropout (classifier-free guidance), else 1."""
+    guided = (objective.sampler == "consistency" and getattr(objective, "guided", False)) or (
+        objective.sampler == "ode" and objective.model_cfg.num_classes > 0
+        and objective.cfg.get("label_dropout", 0.0) > 0)
+    return tuple(float(s) for s in ev.guidance_scales) if guided else (1.0,)
 
-    Each batch is split over every device of the mesh (on a multi-process run each process's
-    devices draw their share) and gathered to every process, where the primary writes it.
-    """
-    out = []
+
+def plan(objective, ev) -> list:
+    """[(sampling.Method, guidance scale)] a stage is scored at, in table order."""
+    if objective.sampler == "ode":
+        methods = [sampling.ode(s, ev.teacher_solver) for s in ev.teacher_steps]
+    else:
+        methods = [sampling.multistep(objective.sigma_d, int(m), ev.t_mid)
+                   for m in ev.consistency_steps]
+    return [(m, s) for m in methods for s in guidance_scales(objective, ev)]
+
+
+def row_id(stage: str, method, scale: float) -> str:
+    """'<stage>_<nfe>' (+ '_g<scale>' when guided): the row's file names."""
+    return f"{stage}_{method.nfe}" + ("" if scale == 1.0 else f"_g{scale:g}")
+
+
+def class_labels(n: int, num_classes: int) -> np.ndarray:
+    """[n] labels cycling through the classes (balanced), zeros for an unconditional model."""
+    return (np.arange(n) % max(num_classes, 1)).astype(np.int32)
+
+
+def chunk_generator(draw, params, labels: np.ndarray, batch_size: int, key, mesh):
+    """generate(i) -> the i-th chunk of samples (the last padded to batch_size), drawn over the
+    mesh from fold_in(key, i), the same global array on every process."""
     split, repl = sharding.batch_sharded(mesh), sharding.replicated(mesh)
-    for i, start in enumerate(range(0, len(labels), batch_size)):
-        chunk = labels[start:start + batch_size]
+
+    def generate(i: int):
+        chunk = labels[i * batch_size:(i + 1) * batch_size]
         pad = batch_size - len(chunk)
         padded = np.concatenate([chunk, np.zeros(pad, chunk.dtype)]) if pad else chunk
-        images = draw(params, jax.device_put(jax.random.fold_in(key, i), repl),
-                      jax.device_put(padded, split))
-        out.append(np.asarray(multihost_utils.process_allgather(images, tiled=True))[:len(chunk)])
-    return np.clip(np.concatenate(out), -1.0, 1.0)
+        return draw(params, jax.device_put(jax.random.fold_in(key, i), repl),
+                    jax.device_put(padded, split))
+
+    return generate
 
 
-def methods(objective, ev) -> list:
-    """[(NFE, sampling.Method)] this stage is scored at."""
+def in_loop(config, name: str, objective, mesh, workdir, *, log=print):
+    """score(ema_params, step) -> scores of `eval.in_loop_samples` samples (None when
+    config.<name>.eval_every is 0): what training logs every `eval_every` steps. A diffusion
+    model is sampled with the first solver length of `eval.teacher_steps`, a consistency model
+    in 2 steps (1 when `eval.consistency_steps` has no 2), at the first guidance scale."""
+    if config[name].eval_every <= 0:
+        return None
+    ev = config.eval
+    primary = files.is_primary()
+    scorer = evaluators.from_config(config, mesh, eval_dir=files.join(workdir, "eval"),
+                                    log=log if primary else (lambda m: None), primary=primary)
     if objective.sampler == "ode":
-        return [(sampling.nfe(s), sampling.ode(s, ev.teacher_solver)) for s in ev.teacher_steps]
-    return [(1, sampling.one_step(objective.sigma_d)),
-            (2, sampling.two_step(objective.sigma_d, ev.t_mid))]
+        method = sampling.ode(ev.teacher_steps[0], ev.teacher_solver)
+    else:
+        method = sampling.multistep(objective.sigma_d, 2 if 2 in ev.consistency_steps else 1,
+                                    ev.t_mid)
+    model = objective.model_cfg
+    scale = guidance_scales(objective, ev)[0]
+    draw = sampling.sampler(objective.net_eval, data_shape(config.data), objective.sigma_d,
+                            method, num_classes=model.num_classes,
+                            guidance_input=model.guidance_input, scale=scale,
+                            out_sharding=sharding.replicated(mesh))
+    devices = sharding.batch_devices(mesh)
+    batch_size = -(-ev.batch_size // devices) * devices
+    n = ev.in_loop_samples
+    labels = class_labels(n, model.num_classes)
+    conditional = model.num_classes > 0
+
+    def score(params, step: int) -> dict:
+        # The same noise at every evaluation, so successive scores differ by the model only.
+        generate = chunk_generator(draw, params, labels, batch_size,
+                                   jax.random.PRNGKey(ev.seed), mesh)
+        return scorer.score(generate, n, batch_size, labels=labels if conditional else None)
+
+    return score
 
 
 def evaluate_all(config, workdir, *, log=print) -> dict:
     """Evaluates every model with a checkpoint in `workdir`; returns the results dict."""
-    if config.data.name != "digits":
-        raise ConfigError(f"stage=eval evaluates the digits experiment only; FID / FD-DINOv2 "
-                          f"for data.name={config.data.name!r} is not built yet")
     primary = files.is_primary()
     say = log if primary else (lambda msg: None)
     ev = config.eval
@@ -65,81 +123,145 @@ def evaluate_all(config, workdir, *, log=print) -> dict:
                                 f"checkpoint under {workdir}; train one first (e.g. stage=all)")
     say("=== stage eval ===")
     eval_dir, sample_dir = files.join(workdir, "eval"), files.join(workdir, "samples")
-
-    splits = load_digits_splits(config.data.holdout)
-    start = time.time()
-    clf = load_or_train_classifier(eval_dir / "digits_classifier.msgpack",
-                                   splits["train_images"], splits["train_labels"], seed=0,
-                                   save=primary,
-                                   **({"steps": ev.classifier_steps} if ev.classifier_steps
-                                      else {}))
-    clf_acc = float(np.mean(classifier_predict(clf, splits["holdout_images"])
-                            == splits["holdout_labels"]))
-    say(f"[eval] digits classifier: held-out accuracy {clf_acc:.4f} ({time.time() - start:.0f}s)")
-    evaluator = DigitsEvaluator(splits["train_images"], splits["train_labels"], clf)
-
     mesh = sharding.make_mesh(config.mesh)
+    scorer = evaluators.from_config(config, mesh, eval_dir=eval_dir, log=say, primary=primary)
     devices = sharding.batch_devices(mesh)
     batch_size = -(-ev.batch_size // devices) * devices   # a whole share for every device
     n = ev.num_samples
+    labels = class_labels(n, config.model.num_classes)
     conditional = config.model.num_classes > 0
-    labels = (np.arange(n) % max(config.model.num_classes, 1)).astype(np.int32)
     key = jax.random.PRNGKey(ev.seed)
-    # The Frechet distance is biased upward at small N, so every model is also scored on its first
-    # `holdout` samples: that column is comparable with the real-data floor (held-out vs train).
-    n_small = len(splits["holdout_images"])
-    floor = evaluator.evaluate(splits["holdout_images"], splits["holdout_labels"])
-    rows = [dict(model="data (held-out)", nfe=0, fd_small=floor["fd"], **floor)]
+    results_path = files.join(workdir, "results.json")
+    done = {}
+    if files.exists(results_path):
+        previous = files.read_json(results_path)
+        if previous.get("num_samples") == n:   # rows of the same evaluation: keep them
+            done = {r["id"]: r for r in previous.get("rows", []) if "id" in r}
+    rows = []
+    if isinstance(scorer, evaluators.DigitsScorer):
+        rows.append(dict(id="data", model="data (held-out)", nfe=0, guidance=1.0,
+                         **scorer.floor()))
 
+    def finish(results):
+        if primary:
+            files.write_json(results_path, results)
+
+    summary = dict(num_samples=n, batch_size=batch_size, seed=ev.seed, rows=rows)
+    if isinstance(scorer, evaluators.DigitsScorer):
+        summary.update(classifier_holdout_accuracy=scorer.classifier_accuracy,
+                       small_n=scorer.small_n)
+    else:
+        summary.update(reference=scorer.reference.source)
     for name in stages:
         if not found[name]:
             say(f"[eval] skipping {name}: no checkpoint in {ckpt.stage_dir(config, name, workdir)}")
             continue
         objective = objectives.build(config, name)
-        params, _ = ckpt.restore_stage_ema(config, name, workdir, mesh)
+        params, step = ckpt.restore_stage_ema(config, name, workdir, mesh)
         model = objective.model_cfg
-        for nfe, method in methods(objective, ev):
+        for method, scale in plan(objective, ev):
+            rid = row_id(name, method, scale)
+            if rid in done:
+                rows.append(done[rid])
+                say(f"[eval] {rid}: done before")
+                continue
             t0 = time.time()
-            draw = sampling.sampler(objective.net_eval, data_shape(config.data),
-                                    objective.sigma_d, method, num_classes=model.num_classes,
-                                    guidance_input=model.guidance_input,
-                                    scale=float(ev.guidance_scale),
+            draw = sampling.sampler(objective.net_eval, data_shape(config.data), objective.sigma_d,
+                                    method, num_classes=model.num_classes,
+                                    guidance_input=model.guidance_input, scale=scale,
                                     out_sharding=sharding.replicated(mesh))
-            images = _generate(draw, params, batch_size, labels,
-                               jax.random.fold_in(key, len(rows)), mesh)
-            if primary:
-                files.save_npz(sample_dir / f"{name}_{nfe}.npz", images=images.astype(np.float32),
-                               **({"labels": labels} if conditional else {}))
-            scores = evaluator.evaluate(images, labels if conditional else None)
-            small = evaluator.evaluate(images[:n_small], labels[:n_small] if conditional else None)
-            rows.append(dict(model=name, nfe=nfe, fd_small=small["fd"], **scores))
-            say(f"[eval] {name:8s} NFE {nfe:3d}: FD {scores['fd']:.3f} ({time.time() - t0:.0f}s)")
+            generate = chunk_generator(draw, params, labels, batch_size,
+                                       jax.random.fold_in(key, _stable_hash(rid)), mesh)
+            sink = _sink(config, rid, eval_dir, sample_dir, labels if conditional else None,
+                         primary, batch_size)
+            scores = scorer.score(
+                generate, n, batch_size, labels=labels if conditional else None,
+                state_path=eval_dir / f"{rid}.partial.npz", sink=sink,
+                wants_images=lambda i: ev.save_samples or (i == 0 and ev.grid_samples > 0),
+                log=lambda m, rid=rid: say(f"[eval] {rid}: {m}"))
+            rows.append(dict(id=rid, model=name, checkpoint_step=step, nfe=method.nfe,
+                             sampler=_describe(method), guidance=scale, **scores))
+            say(f"[eval] {rid}: " + ", ".join(f"{k} {scores[k]:.3f}" for k in
+                                              ("fd", "fid", "fd_dinov2") if k in scores)
+                + f" ({time.time() - t0:.0f}s)")
+            finish(summary)
+    # Every row relative to the teacher's best score at its longest solver setting.
+    metric = "fd" if isinstance(scorer, evaluators.DigitsScorer) else "fid"
+    teacher_rows = [r for r in rows if r["id"] != "data" and metric in r
+                    and config[r["model"]].objective == "diffusion"]
+    if teacher_rows:
+        longest = max(r["nfe"] for r in teacher_rows)
+        best = min((r for r in teacher_rows if r["nfe"] == longest), key=lambda r: r[metric])
+        for r in rows:
+            if r["id"] != "data" and metric in r and best[metric] > 0:
+                r[f"{metric}_vs_teacher"] = r[metric] / best[metric]
+    finish(summary)
+    say(format_table(summary))
+    return summary
 
-    results = dict(classifier_holdout_accuracy=clf_acc, num_samples=n, small_n=n_small,
-                   guidance_scale=ev.guidance_scale, rows=rows)
-    diffusion_rows = [r for r in rows[1:] if config[r["model"]].objective == "diffusion"]
-    if diffusion_rows:
-        best = max(diffusion_rows, key=lambda r: r["nfe"])
-        for r in rows[1:]:
-            r["fd_vs_teacher"] = r["fd"] / best["fd"] if best["fd"] > 0 else None
-    if primary:
-        files.write_json(files.join(workdir, "results.json"), results)
-    say(format_table(results))
-    return results
+
+def _stable_hash(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def _describe(method) -> str:
+    if method.kind == "ode":
+        return f"{method.solver} {method.steps} steps"
+    return f"{len(method.times)}-step, t = " + ", ".join(f"{t:.3f}" for t in method.times)
+
+
+def _sink(config, rid, eval_dir, sample_dir, labels, primary, batch_size):
+    """sink(chunk, images): the row's PNG grid from chunk 0 and, when asked, its samples."""
+    ev, digits = config.eval, config.data.name == "digits"
+
+    def sink(chunk: int, images: np.ndarray) -> None:
+        if not primary:
+            return
+        if chunk == 0 and ev.grid_samples > 0:
+            grid = images[:ev.grid_samples]
+            rows = max(1, int(np.sqrt(len(grid))))
+            if digits:
+                save_image_grid(grid, eval_dir / f"{rid}.png", rows=rows)
+            else:
+                save_image_grid(grid.astype(np.float32), eval_dir / f"{rid}.png", rows=rows,
+                                low=0.0, high=255.0, scale=1)
+        if digits:   # the whole (small) set at once
+            files.save_npz(sample_dir / f"{rid}.npz", images=images.astype(np.float32),
+                           **({"labels": labels} if labels is not None else {}))
+        elif ev.save_samples:
+            start = chunk * batch_size
+            files.save_npz(sample_dir / rid / f"{chunk:05d}.npz", images=images,
+                           **({"labels": labels[start:start + len(images)]}
+                              if labels is not None else {}))
+
+    return sink
 
 
 def format_table(results: dict) -> str:
     """A markdown table of the results (also pasted into the README)."""
-    lines = [f"| model | NFE | FD | FD / teacher | FD ({results['small_n']}) | accuracy | "
-             "precision | recall |", "|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        ratio = r.get("fd_vs_teacher")  # None for an evaluation without a teacher
-        acc = r.get("accuracy")
-        lines.append(
-            f"| {r['model']} | {r['nfe'] or '-'} | {r['fd']:.3f} | "
-            f"{'-' if ratio is None else f'{ratio:.2f}'} | {r['fd_small']:.3f} | "
-            f"{'-' if acc is None else f'{acc:.3f}'} | "
-            f"{r['precision']:.3f} | {r['recall']:.3f} |")
-    lines.append(f"\nDigits classifier held-out accuracy: {results['classifier_holdout_accuracy']:.4f}; "
-                 f"{results['num_samples']} samples per model.")
+    rows = results["rows"]
+    if "small_n" in results:   # digits
+        head = (f"| model | NFE | guidance | FD | FD / teacher | FD ({results['small_n']}) | "
+                "accuracy | precision | recall |")
+        cols = ("fd", "fd_vs_teacher", "fd_small", "accuracy", "precision", "recall")
+    else:
+        head = "| model | NFE | guidance | FID | FID / teacher | FD-DINOv2 | precision | recall |"
+        cols = ("fid", "fid_vs_teacher", "fd_dinov2", "precision", "recall")
+    lines = [head, "|" + "---|" * (3 + len(cols))]
+    for r in rows:
+        cells = [r["model"], str(r["nfe"] or "-"), f"{r.get('guidance', 1.0):g}"]
+        for c in cols:
+            v = r.get(c)
+            cells.append("-" if v is None else f"{v:.2f}" if c.endswith("teacher") else
+                         f"{v:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if "classifier_holdout_accuracy" in results:
+        lines.append(f"\nDigits classifier held-out accuracy: "
+                     f"{results['classifier_holdout_accuracy']:.4f}; {results['num_samples']} "
+                     f"samples per model.")
+    else:
+        lines.append(f"\n{results['num_samples']} samples per row; reference: "
+                     f"{results.get('reference', '')}.")
     return "\n".join(lines)

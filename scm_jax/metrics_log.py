@@ -80,6 +80,27 @@ class MetricLogger:
                                                           "tangent_norm") if k in scalars)
         self.log(f"[{self.name}] step {step}/{self.total} {shown} | {speed} | ETA {eta}")
 
+    def write_eval(self, step: int, scores: dict) -> None:
+        """One row of in-training evaluation scores ({'fid': ...} -> 'eval/fid'), also to
+        TensorBoard and the log."""
+        if not self.primary:
+            return
+        scalars = {f"eval/{k}": float(v) for k, v in scores.items()
+                   if isinstance(v, (int, float, np.floating, np.integer)) and k != "num_samples"}
+        row = json.dumps(dict(step=step, **{k: _json_value(v) for k, v in scalars.items()}),
+                         allow_nan=False)
+        self._rows.append(row)
+        if files.is_local(self.path):
+            with self.path.open("a") as f:
+                f.write(row + "\n")
+        else:
+            files.write_text(self.path, "".join(r + "\n" for r in self._rows))
+        writer = self._writer()
+        for key, value in scalars.items():
+            writer.add_scalar(f"{self.name}/{key}", value, step)
+        self.log(f"[{self.name}] step {step}: " + " ".join(
+            f"{k}={v:.4g}" for k, v in scalars.items()))
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -26,6 +26,7 @@ import ml_collections
 
 from scm_jax import configs, objectives, optimizers
 from scm_jax.errors import ConfigError
+from scm_jax.evaluation import settings as eval_settings
 from scm_jax.networks import ddpmpp, dit, edm2
 
 # Table 5 (ImageNet 512) and Table 4 (ImageNet 64), columns per size (widths: edm2.PRESETS).
@@ -72,10 +73,29 @@ DIT = dict(
 )
 CM_EMA_SIGMA_REL = 0.05          # power EMA 0.05 for the ImageNet CMs (sCM Sec. 5.2, App. G.2)
 EDM2_RAMPUP_IMAGES = 10_000_000  # EDM2's LR ramp-up, for the teachers
-PIPELINE = ("teacher", "scd", "sct")   # the paper's datasets have no embedded evaluation yet
+PIPELINE = ("teacher", "scd", "sct")   # then stage=eval, once the feature weights are set
 
 
-def _base(args, data, model) -> ml_collections.ConfigDict:
+def _eval(dataset: str, tiny: bool) -> ml_collections.ConfigDict:
+    """The evaluation of a paper dataset: FID and FD-DINOv2 over 50k samples (sCM Sec. 6,
+    Tables 2-3, 6). The paper reports 1- and 2-step CMs everywhere and multistep sCD (M = 4, 8,
+    16) and guidance per metric on ImageNet 512 (Table 6: FID best at 1.2-1.5, FD-DINOv2 at
+    1.8-2.0), so ImageNet 512 sweeps M in 1..16 and scales 1.2, 1.4, 2.0; the teacher is solved
+    in 32 steps (63 evaluations, EDM2's), CIFAR-10's in 18 (35, EDM's). Weights and reference
+    statistics are paths the user sets (README "Evaluating")."""
+    if tiny:   # the tests' version: a few samples, random-weight networks they write
+        return eval_settings.eval_section(
+            num_samples=16, batch_size=8, pr_samples=8, in_loop_samples=16, grid_samples=8,
+            teacher_steps=(2,), consistency_steps=(1, 2, 4),
+            guidance_scales=(1.0, 1.5) if dataset == "imagenet512" else (1.0,))
+    if dataset == "imagenet512":
+        return eval_settings.eval_section(teacher_steps=(32,), consistency_steps=(1, 2, 4, 8, 16),
+                                          guidance_scales=(1.2, 1.4, 2.0))
+    return eval_settings.eval_section(teacher_steps=(18,) if dataset == "cifar10" else (32,),
+                                      consistency_steps=(1, 2))
+
+
+def _base(args, data, model, dataset: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.stage = args.stage
     config.seed = 0
@@ -84,6 +104,7 @@ def _base(args, data, model) -> ml_collections.ConfigDict:
     config.data = data
     config.model = model
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.eval = _eval(dataset, args.variant == "runlocal")
     return config
 
 
@@ -160,7 +181,7 @@ def imagenet_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
         from scm_jax.data.images import image_data_config
 
         data = image_data_config("imagenet64", resolution=16 if tiny else 64)
-    config = _base(args, data, _edm2_model(size, 1000, tiny))
+    config = _base(args, data, _edm2_model(size, 1000, tiny), dataset)
     config.paper_params_m = 0.0 if tiny else table["paper_params_m"][size]
 
     batch = 16 if tiny else 2048
@@ -194,7 +215,7 @@ def _dit_imagenet512(args) -> ml_collections.ConfigDict:
         raise ConfigError(f"unknown variant {args.variant!r} for backbone=dit; "
                                   f"expected one of {DIT['sizes'] + ('runlocal',)}")
     data = latent_data_config(path="", resolution=64 if tiny else 512)
-    config = _base(args, data, _dit_model(args.variant, 1000, tiny))
+    config = _base(args, data, _dit_model(args.variant, 1000, tiny), "imagenet512")
     config.paper_params_m = 0.0
     batch = 16 if tiny else DIT["batch"]
     steps, every = _lengths(tiny)
@@ -233,7 +254,7 @@ def cifar10_config(arg: str | None) -> ml_collections.ConfigDict:
         dropout=0.0, dropout_max_resolution=0, modulation="adn", remat="none",
         weight_channels=16 if tiny else 128, dtype="float32"))
     data = image_data_config("cifar10", resolution=16 if tiny else 32)
-    config = _base(args, data, model)
+    config = _base(args, data, model, "cifar10")
     config.paper_params_m = 0.0   # the paper gives no count; EDM's DDPM++ is 55.7M (see README)
 
     batch = 16 if tiny else 512

@@ -17,6 +17,7 @@ from scm_jax import checkpoint as ckpt
 from scm_jax import configs, files, objectives, preemption, processes, sampling, sharding
 from scm_jax.data import build_train_batches
 from scm_jax.errors import ConfigError, UserError
+from scm_jax.evaluate import in_loop
 from scm_jax.metrics_log import MetricLogger, save_image_grid
 from scm_jax.run_lock import StageLock
 from scm_jax.stage import build_stage
@@ -129,7 +130,7 @@ def train_stage(config, name: str, workdir, *, log=print):
                                                    teacher_params, resuming, record, say)
             del teacher_params   # the step holds its own reference when it distills
             state = _loop(config, name, stage, store, batches, logger, state, step_teacher,
-                          directory, say)
+                          directory, workdir, say)
         except BaseException:
             _close_quietly(say, store.close, logger.close if logger else None)
             raise
@@ -165,7 +166,8 @@ def _restore_or_initialize(config, name, stage, store, batches, workdir, teacher
     return state, logger
 
 
-def _loop(config, name, stage, store, batches, logger, state, step_teacher, directory, say):
+def _loop(config, name, stage, store, batches, logger, state, step_teacher, directory, workdir,
+          say):
     """The steps, with logging, checkpoints, grids, the stop signal and the non-finite guard.
 
     The step's stop and non-finite flags are read one step late, so the host never waits for
@@ -175,6 +177,7 @@ def _loop(config, name, stage, store, batches, logger, state, step_teacher, dire
     grid, rows = grid_sampler(objective, stage.image_shape, mesh) if cfg.sample_every >= 0 \
         else (None, 0)
     start = int(state.step)
+    evaluate = in_loop(config, name, objective, mesh, workdir, log=say)
     # The executable the compile check measures, compiled before the first step on every
     # process alike (then a barrier: see processes.py).
     step_fn, seconds = processes.compile_together(stage.lower(), f"{name} step compiled")
@@ -221,6 +224,8 @@ def _loop(config, name, stage, store, batches, logger, state, step_teacher, dire
                 store.save(done, state, batches.get_state(), force=stop or done == cfg.steps)
             if stop:
                 raise preemption.StageInterrupted(watch.reported_signal(), name, done, directory)
+            if evaluate is not None and done % cfg.eval_every == 0:
+                logger.write_eval(done, evaluate(state.nets["net"].ema, done))
             if cfg.sample_every > 0 and done % cfg.sample_every == 0:
                 write_grid(grid(state.nets["net"].ema, done), directory, done, rows,
                            objective.sigma_d)

@@ -1,18 +1,34 @@
-"""The whole digits pipeline (teacher -> sCD, sCT, dsCD -> evaluation) through the entry point."""
+"""The whole digits pipeline (teacher -> sCD, sCT, dsCD -> evaluation), run by executing the
+quickstart notebook top to bottom (its seconds-long SCM_QUICK version), then checked here."""
 import json
 import os
 
 import numpy as np
+import pytest
 
 from scm_jax import main as entry
-from tests.helpers import load_experiment
+from tests.helpers import REPO, load_experiment
 
 
-def test_tiny_pipeline_writes_samples_results_and_table(tmp_path):
-    config = load_experiment("digits", "variant=tiny")
-    config.mesh.data = 1
-    lines = []
-    entry.run(config, str(tmp_path), log=lambda m: lines.append(str(m)))
+def _execute_notebook(workdir, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("SCM_QUICK", "1")
+    monkeypatch.setenv("SCM_WORKDIR", str(workdir))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(os.path.join(REPO, "notebooks", "quickstart.ipynb"), as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=900, kernel_name="python3",
+        resources={"metadata": {"path": os.path.join(REPO, "notebooks")}})
+    client.execute()
+    return notebook
+
+
+def test_quickstart_notebook_runs_the_tiny_pipeline(tmp_path, monkeypatch):
+    notebook = _execute_notebook(tmp_path, monkeypatch)
+    errors = [o for cell in notebook.cells if cell.cell_type == "code"
+              for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
     results = json.loads((tmp_path / "results.json").read_text())
     models = [(r["model"], r["nfe"]) for r in results["rows"]]
     assert models == [("data (held-out)", 0), ("teacher", 3), ("teacher", 5), ("scd", 1), ("scd", 2),
@@ -24,14 +40,20 @@ def test_tiny_pipeline_writes_samples_results_and_table(tmp_path):
         with np.load(tmp_path / "samples" / f"{model}_{nfe}.npz") as f:
             assert f["images"].shape == (64, 8, 8, 1) and f["labels"].shape == (64,)
             assert f["images"].min() >= -1 and f["images"].max() <= 1
-    assert any("| model | NFE | FD |" in line for line in lines)
+        assert (tmp_path / "eval" / f"{model}_{nfe}.png").exists()
+    text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for o in cell.get("outputs", []))
+    assert "| model | NFE | guidance | FD |" in text and "teacher  NFE   5: FD" in text
     for stage in ("teacher", "scd", "sct", "dscd"):
         metrics = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
-        assert json.loads(metrics[-1])["step"] == config[stage].steps
+        assert json.loads(metrics[-1])["step"] == 4
         assert any(name.endswith(".png") for name in os.listdir(tmp_path / stage))
+    # The notebook's plots and its sample from the sCD checkpoint.
+    for plot in ("losses.png", "grids.png", "fd_vs_nfe.png", "scd_2step.png"):
+        assert (tmp_path / "plots" / plot).stat().st_size > 1000
     # Re-running the finished command trains nothing more: every stage resumes at its end.
-    lines.clear()
-    config.stage = "scd"
+    config = load_experiment("digits", "variant=tiny", ["mesh.data=1", "stage=scd"])
+    lines = []
     entry.run(config, str(tmp_path), log=lambda m: lines.append(str(m)))
     assert any("resumed from step 4" in line for line in lines), lines
 

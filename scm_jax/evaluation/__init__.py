@@ -1,5 +1,13 @@
-"""Sample-quality metrics for the digits experiments: Frechet distance, improved precision /
-recall and class-conditional accuracy, all in the feature space of a small digits CNN."""
+"""Sample-quality metrics.
+
+- The paper's: FID (Inception-v3, `inception.py`) and FD-DINOv2 (DINOv2 ViT-L/14,
+  `dinov2.py`) with weights from the user's files (`weights.py`, `torch_pickle.py`,
+  `convert_weights.py`), streamed feature statistics (`statistics.py`), reference statistics
+  (`reference.py`, `ref_stats.py`), and the streaming scorer (`scorer.py`).
+- The digits experiment's: Frechet distance, precision / recall and class-conditional accuracy
+  in the features of a small digits CNN (`digits_classifier.py`, `evaluator.py`).
+- `evaluators.from_config` picks one for a config; `settings.py` owns the `eval` section.
+"""
 from scm_jax.evaluation.digits_classifier import (
     ClassifierParams,
     DigitsCNN,
@@ -13,12 +21,14 @@ from scm_jax.evaluation.digits_classifier import (
 )
 from scm_jax.evaluation.evaluator import DigitsEvaluator
 from scm_jax.evaluation.frechet import feature_statistics, frechet_distance
+from scm_jax.evaluation.statistics import FeatureMoments
 from scm_jax.evaluation.precision_recall import knn_radii, manifold_coverage, precision_recall
 
 __all__ = [
     "ClassifierParams",
     "DigitsCNN",
     "DigitsEvaluator",
+    "FeatureMoments",
     "classifier_features",
     "classifier_logits_and_features",
     "classifier_predict",

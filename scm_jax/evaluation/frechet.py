@@ -2,13 +2,7 @@
 
 Shapes: features are [N, F]; statistics are a mean [F] and a covariance [F, F], all float64.
 """
-import warnings
-
 import numpy as np
-import scipy.linalg
-
-# Relative size of the imaginary part of sqrtm(cov1 @ cov2) that we treat as round-off.
-_IMAG_RTOL = 1e-3
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,49 +33,38 @@ def _check_stats(mu1, cov1, mu2, cov2):
         )
 
 
-def _sqrtm_real(mat: np.ndarray) -> np.ndarray | None:
-    """Real principal square root of `mat`, or None if it is not finite or clearly complex."""
-    with warnings.catch_warnings():
-        # Singular products make sqrtm warn; we detect the failure ourselves and retry.
-        warnings.simplefilter("ignore")
-        root = scipy.linalg.sqrtm(mat)
-    if not np.all(np.isfinite(root)):
-        return None
-    if np.iscomplexobj(root):
-        # cov1 @ cov2 has a real non-negative spectrum in exact arithmetic, so any
-        # imaginary part is round-off unless it is large compared with the real part.
-        scale = max(1.0, float(np.abs(root.real).max()))
-        if np.abs(root.imag).max() > _IMAG_RTOL * scale:
-            return None
-        root = root.real
-    return root
+def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (eigenvalues below 0 from round-off -> 0)."""
+    w, v = np.linalg.eigh(cov)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_distance(
-    mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray, eps: float = 1e-6
-) -> float:
-    """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 sqrtm(cov1 cov2)).
+def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
+    """tr sqrtm(cov1 cov2) for covariances (symmetric positive semi-definite) [F, F].
 
-    mu1, mu2: [F]; cov1, cov2: [F, F]. If the product is singular (sqrtm not finite or with a
-    non-negligible imaginary part), eps * I is added to both covariances and sqrtm retried,
-    as the reference FID implementations do. Tiny negative results from round-off are
-    clamped to 0.
+    cov1 cov2 is similar to S cov2 S with S = cov1^(1/2) (S^-1 (S S cov2) S), which is
+    symmetric PSD, so the eigenvalues of cov1 cov2 are real, non-negative and those of S cov2 S,
+    and tr sqrtm(cov1 cov2) = sum_i sqrt(lambda_i(S cov2 S)). Two symmetric eigendecompositions:
+    about 5x faster than `scipy.linalg.sqrtm` of the product at F = 2048, no imaginary round-off
+    to discard, and no eps * I needed for singular covariances (tests compare both routes).
+    """
+    root = _psd_sqrt(cov1)
+    inner = root @ cov2 @ root
+    lam = np.linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sum(np.sqrt(np.clip(lam, 0.0, None))))
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 sqrtm(cov1 cov2)) (Heusel et al. 2017), float64.
+
+    mu1, mu2: [F]; cov1, cov2: [F, F]. The trace of the matrix square root is
+    `trace_sqrt_product`. Tiny negative results from round-off are clamped to 0.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
     _check_stats(mu1, cov1, mu2, cov2)
-
+    if not (np.all(np.isfinite(cov1)) and np.all(np.isfinite(cov2))):
+        raise ValueError("covariances contain NaN or inf")
     diff = mu1 - mu2
-    eye = np.eye(mu1.shape[0])
-    covmean = None
-    for offset in (0.0, eps, 1e3 * eps):
-        covmean = _sqrtm_real((cov1 + offset * eye) @ (cov2 + offset * eye))
-        if covmean is not None:
-            break
-    if covmean is None:
-        raise ValueError(
-            "sqrtm(cov1 @ cov2) failed even with an eps * I offset; the covariances are "
-            "probably not positive semi-definite or contain huge values"
-        )
-    fd = diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(covmean)
+    fd = diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt_product(cov1, cov2)
     return max(float(fd), 0.0)

@@ -5,13 +5,20 @@ in the same set (itself excluded); the union of balls estimates that set's manif
 precision = fraction of fake points inside the real manifold; recall = fraction of real
 points inside the fake manifold.
 
-Shapes: real [N, F], fake [M, F]; radii [N]. Distances are Euclidean, in float64.
+Shapes: real [N, F], fake [M, F]; radii [N]. Distances are Euclidean, in float64, computed as
+||a||^2 + ||b||^2 - 2 a.b with matrix products (BLAS), so 10,000 x 10,000 sets of 2048-d
+features take seconds; comparisons are made between squared distances.
 """
 import numpy as np
-from scipy.spatial.distance import cdist
 
-# Rows of each cdist block; keeps a block under ~32 MB for sets of a few thousand points.
+# Rows of each distance block: a [1024, N] float64 block is 80 MB at N = 10,000.
 _CHUNK = 1024
+
+
+def _sq_distances(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances [len(a), len(b)] (clamped at 0 against round-off)."""
+    d = np.sum(a * a, axis=1)[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0)
 
 
 def _as_points(x: np.ndarray, name: str) -> np.ndarray:
@@ -28,14 +35,15 @@ def knn_radii(points: np.ndarray, k: int = 3) -> np.ndarray:
     if not 1 <= k < n:
         raise ValueError(f"need 1 <= k < N for k-NN radii, got k={k} with points {points.shape}")
     radii = np.empty(n)
+    sq = np.sum(points * points, axis=1)
     for start in range(0, n, _CHUNK):
-        block = cdist(points[start : start + _CHUNK], points)
+        block = _sq_distances(points[start : start + _CHUNK], points, sq)
         rows = np.arange(block.shape[0])
         # Exclude each point itself by index, not by zero distance, so exact duplicates
         # still count as neighbours.
         block[rows, start + rows] = np.inf
         radii[start : start + block.shape[0]] = np.partition(block, k - 1, axis=1)[:, k - 1]
-    return radii
+    return np.sqrt(radii)
 
 
 def manifold_coverage(queries: np.ndarray, centers: np.ndarray, radii: np.ndarray) -> float:
@@ -50,9 +58,10 @@ def manifold_coverage(queries: np.ndarray, centers: np.ndarray, radii: np.ndarra
     if queries.shape[0] == 0:
         raise ValueError(f"need at least one query point, got {queries.shape}")
     inside = np.empty(queries.shape[0], dtype=bool)
+    sq, radii_sq = np.sum(centers * centers, axis=1), np.square(radii)
     for start in range(0, queries.shape[0], _CHUNK):
-        block = cdist(queries[start : start + _CHUNK], centers)
-        inside[start : start + block.shape[0]] = (block <= radii[None, :]).any(axis=1)
+        block = _sq_distances(queries[start : start + _CHUNK], centers, sq)
+        inside[start : start + block.shape[0]] = (block <= radii_sq[None, :]).any(axis=1)
     return float(inside.mean())
 
 

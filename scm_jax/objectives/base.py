@@ -91,6 +91,7 @@ COMMON = dict(
     checkpoint_every=500,
     keep_checkpoints=2,
     sample_every=0,            # 0: a sample grid only at the end; -1: none
+    eval_every=0,              # >0: score the EMA every this many steps (config.eval; 0: never)
     checkpoint_dir="",         # where this stage's checkpoints live ('' = <workdir>/<stage>)
     # A step whose loss, gradients or updated parameters are not finite is not applied (the
     # state is kept, the step counted); `max_consecutive` such steps in a row stop the run.
@@ -152,6 +153,10 @@ class Objective(abc.ABC):
         check(st.keep_checkpoints >= 1, f"{where}.keep_checkpoints", st.keep_checkpoints, ">= 1")
         check(st.sample_every >= -1, f"{where}.sample_every", st.sample_every,
               "a step count, 0 (a grid at the end) or -1 (none)")
+        check(st.eval_every >= 0, f"{where}.eval_every", st.eval_every,
+              "a step count, or 0 (no evaluation during training)")
+        check(st.eval_every == 0 or "eval" in config, f"{where}.eval_every", st.eval_every,
+              "0: this experiment has no eval section")
         check(st.nonfinite.max_consecutive >= 1, f"{where}.nonfinite.max_consecutive",
               st.nonfinite.max_consecutive, "a step count >= 1")
         optimizers.validate(st.optimizer, f"{where}.optimizer")
