@@ -16,6 +16,7 @@ CORE = [
     "numpy>=1.26",
     "tensorboardX>=2.6",
     "pillow>=10.0",
+    "matplotlib>=3.7",    # the notebook's and the studies' plots
     "absl-py>=2.0",
     "safetensors>=0.4",   # SD-VAE weights (numpy loader; no torch)
     "etils[epath]>=1.5",  # the path layer (local folders and gs:// alike)
@@ -24,7 +25,9 @@ CORE = [
 EXTRAS = {
     # libtpu: the TPU compiler, so the tests can compile the Mosaic kernel ahead of time for a
     # real TPU topology on a CPU host (the version jax[tpu] pins for the installed jax).
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "libtpu==0.0.42.1"],
+    # nbclient/nbformat/ipykernel: the tests execute notebooks/quickstart.ipynb.
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "libtpu==0.0.42.1", "nbclient>=0.10",
+             "nbformat>=5.9", "ipykernel>=6.29"],
     # gcsfs: gs:// workdirs and data through etils.epath; google-cloud-storage: TensorBoard on gs://.
     "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
     "gpu": ["jax[cuda12]", "jax-triton>=0.3"],
