@@ -1,12 +1,10 @@
 """The path layer (`scm_jax.files`) and what goes through it, on a bucket: an in-memory
 filesystem registered for gs:// stands in for Google Cloud Storage (etils.epath reaches buckets
 through fsspec, as it would through gcsfs), so nothing here touches the network."""
-import importlib
 import json
 
 import numpy as np
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 
 from scm_jax import checkpoint as ckpt
 from scm_jax import files, objectives
@@ -15,33 +13,13 @@ from scm_jax.metrics_log import MetricLogger, image_grid, save_image_grid
 from tests.helpers import load_experiment
 
 
-class FakeBucket(MemoryFileSystem):
-    """gs:// in memory: objects are whole-file values, there are no real directories."""
-
-    protocol = ("gs", "gcs")
-    store = {}
-    pseudo_dirs = [""]
-
-    def __init__(self, *args, finalize_on_close=None, **kwargs):
-        super().__init__(*args, **kwargs)
-
-
 @pytest.fixture
-def bucket(monkeypatch):
-    registry = importlib.import_module("fsspec.registry")._registry
-    for name in ("gs", "gcs"):
-        monkeypatch.setitem(registry, name, FakeBucket)
-    FakeBucket.store.clear()
-    FakeBucket.pseudo_dirs[:] = [""]
-    yield "gs://bucket/run"
-    FakeBucket.store.clear()
+def bucket(fake_bucket):
+    """gs://bucket/run on the in-memory bucket (conftest's fake_bucket)."""
+    return "gs://bucket/run"
 
 
-def _objects():
-    return sorted(FakeBucket.store)
-
-
-def test_writes_land_whole_and_leave_no_temporaries(bucket):
+def test_writes_land_whole_and_leave_no_temporaries(bucket, fake_bucket):
     files.write_json(f"{bucket}/a/config.json", {"b": (1, 2)})
     assert files.read_json(f"{bucket}/a/config.json") == {"b": [1, 2]}
     images = np.random.default_rng().uniform(-1, 1, (5, 8, 8, 1)).astype(np.float32)
@@ -55,7 +33,7 @@ def test_writes_land_whole_and_leave_no_temporaries(bucket):
     with files.path(f"{bucket}/grid.png").open("rb") as f:
         pixels = np.asarray(Image.open(io.BytesIO(f.read())))
     np.testing.assert_array_equal(pixels, image_grid(images, rows=1))
-    assert _objects() == [f"{bucket}/a/config.json", f"{bucket}/grid.png",
+    assert sorted(fake_bucket.store) == [f"{bucket}/a/config.json", f"{bucket}/grid.png",
                           f"{bucket}/samples/x.npz"]
     assert not files.is_local(bucket) and files.is_local("/tmp/x")
 

@@ -1,8 +1,10 @@
 """Two real processes (jax.distributed on 127.0.0.1, 4 CPU devices each, gloo collectives) run
-the digits teacher and sCD stages through the command line, as workers of a pod would: one
-metrics.jsonl with each step once, one grid per stage, only process 0 printing, checkpoints
-that a 1-process run reads, resumes and matches; and SIGTERM to both mid-run stops them at one
-step, from which a re-run reaches the uninterrupted run's parameters bit for bit."""
+the digits teacher and sCD stages through the command line, as workers of a pod would, with
+every weight split 8 ways over both processes' devices (mesh.fsdp = 8) and each process feeding
+its own rows: one metrics.jsonl with each step once, one grid per stage, only process 0
+printing, checkpoints that a 1-process run reads, resumes and matches, and the reverse (two
+processes resume a 1-process checkpoint); and SIGTERM to both mid-run stops them at one step,
+from which a re-run reaches the uninterrupted run's parameters bit for bit."""
 import json
 import os
 import re
@@ -20,7 +22,8 @@ from tests.helpers import (finish_processes, load_experiment, start_two_processe
 DIGITS = "experiments/digits.py:variant=tiny"
 # Full tangent from step 0, and Adam eps that keep gradients at rounding level (the reduction
 # order differs between 2 processes and 1) from becoming lr-sized sign flips.
-OVERRIDES = ["--config.pipeline=teacher,scd,eval", "--config.scd.loss.warmup_steps=0",
+OVERRIDES = ["--config.pipeline=teacher,scd,eval", "--config.mesh.fsdp=8",
+             "--config.scd.loss.warmup_steps=0",
              "--config.teacher.optimizer.eps=0.001", "--config.scd.optimizer.eps=0.001",
              "--config.teacher.steps=10", "--config.teacher.log_every=1"]
 
@@ -54,6 +57,8 @@ def test_a_one_process_run_reads_and_resumes_the_two_process_checkpoints(two_pro
     # The same pipeline in this process over its 8 devices: the same global batches and mesh.
     single = {name: train.train_stage(config, name, str(tmp_path / "one"), log=lambda m: None)
               for name in ("teacher", "scd")}
+    specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(single["teacher"].nets["net"].params)}
+    assert any("fsdp" in spec for spec in specs)   # the weights really are split
     # One sample file per evaluated model row (teacher at 2 NFEs, sCD at 1 and 2).
     assert len(list((workdir / "samples").iterdir())) == 4
     for name in ("teacher", "scd"):
@@ -79,6 +84,15 @@ def test_a_one_process_run_reads_and_resumes_the_two_process_checkpoints(two_pro
     assert int(state.step) == 6 and any("resumed from step 4" in line for line in lines)
     rows = (tmp_path / "copy" / "scd" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [2, 4, 6]
+    # The reverse: two processes resume the one-process teacher at its step and data position.
+    teacher_only = [o for o in OVERRIDES if not o.startswith(("--config.pipeline",
+                                                               "--config.teacher.steps"))]
+    outputs = finish_processes(start_two_processes(
+        tmp_path / "one", DIGITS, teacher_only + ["--config.pipeline=teacher",
+                                                  "--config.teacher.steps=12"]))
+    assert "resumed from step 10" in outputs[0][0]
+    rows = (tmp_path / "one" / "teacher" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, 13))
 
 
 def test_sigterm_stops_both_processes_at_one_step_and_the_rerun_matches(two_process_run,

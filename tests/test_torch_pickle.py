@@ -6,7 +6,6 @@ pickle opcodes itself, so the torch globals need no torch), in both layouts; whe
 installed, files written by torch.save itself are read too."""
 import collections
 import dataclasses
-import importlib
 import os
 import pickle
 import struct
@@ -14,7 +13,6 @@ import zipfile
 
 import numpy as np
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 
 from scm_jax.errors import MissingInputError
 from scm_jax.evaluation import convert_weights, torch_pickle, weights
@@ -216,16 +214,9 @@ def test_unwraps_a_checkpoint_dict(tmp_path, layout, wrapper):
     assert_same_arrays(loaded, {k: EXPECTED[k] for k in inner})
 
 
-def test_load_state_dict_dispatches_and_reads_a_bucket(tmp_path, monkeypatch):
-    class Bucket(MemoryFileSystem):
-        protocol = ("gs", "gcs")
-        store, pseudo_dirs = {}, [""]
-
-    registry = importlib.import_module("fsspec.registry")._registry
-    for name in Bucket.protocol:
-        monkeypatch.setitem(registry, name, Bucket)
+def test_load_state_dict_dispatches_and_reads_a_bucket(tmp_path, fake_bucket):
     raw = _file(tmp_path, STATE, "legacy").read_bytes()
-    with Bucket().open("gs://weights/w.bin", "wb") as f:
+    with fake_bucket().open("gs://weights/w.bin", "wb") as f:
         f.write(raw)
     assert_same_arrays(weights.load_state_dict("gs://weights/w.bin"), EXPECTED)
 

@@ -18,6 +18,18 @@ from scm_jax.networks.attention import SelfAttention
 from scm_jax.networks.layers import (AdaptiveDoubleNorm, ConditioningEmbedding, at_least_f32,
                                     check_inputs, remat_block)
 
+# Logical axes of the convolutions (scm_jax.sharding): with mesh.fsdp > 1 their kernels and
+# biases are split over 'fsdp' along the output channels; the rest stays replicated.
+CONV_AXES = ("conv_height", "conv_width", "embed_in", "embed_out")
+
+
+def _conv(features, kernel, name, dtype, init=nn.initializers.lecun_normal()):
+    """nn.Conv with Flax's default initializers, its weights named for sharding."""
+    return nn.Conv(features, (kernel, kernel), dtype=dtype, name=name,
+                   kernel_init=nn.with_logical_partitioning(init, CONV_AXES),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          ("embed_out",)))
+
 
 class ResBlock(nn.Module):
     """x -> (skip(x) + conv1(drop(silu(ADN(conv0(silu(norm(x))), emb))))) / sqrt(2).
@@ -33,14 +45,13 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb, train: bool = False):
         cin = x.shape[-1]
         h = nn.GroupNorm(num_groups=min(8, cin), dtype=self.dtype, name="norm0")(x)
-        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv0")(nn.silu(h))
+        h = _conv(self.out_channels, 3, "conv0", self.dtype)(nn.silu(h))
         h = AdaptiveDoubleNorm(dtype=self.dtype, name="adn")(h, emb)
         h = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(nn.silu(h))
         # Zero-initialized last conv: each block starts as its skip path (DDPM++ init_zero).
-        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype,
-                    kernel_init=nn.initializers.zeros, name="conv1")(h)
+        h = _conv(self.out_channels, 3, "conv1", self.dtype, init=nn.initializers.zeros)(h)
         if cin != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip")(x)
+            x = _conv(self.out_channels, 1, "skip", self.dtype)(x)
         return (x + h) / jnp.sqrt(2.0).astype(h.dtype)
 
 
@@ -76,7 +87,7 @@ class UNet(nn.Module):
         attend = lambda name: SelfAttention(self.num_heads, self.attention_impl, self.dtype,  # noqa: E731
                                             name=name)
 
-        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        h = _conv(self.channels, 3, "conv_in", self.dtype)(x.astype(self.dtype))
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             res = x.shape[1] >> level
@@ -106,7 +117,7 @@ class UNet(nn.Module):
                 h = jax.image.resize(h, (h.shape[0], 2 * res, 2 * res, h.shape[-1]), "nearest")
 
         h = nn.silu(nn.GroupNorm(num_groups=min(8, h.shape[-1]), dtype=self.dtype, name="norm_out")(h))
-        out = nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name="conv_out")(h)
+        out = _conv(x.shape[-1], 3, "conv_out", self.dtype)(h)
         return out.astype(at_least_f32(self.dtype))
 
 
