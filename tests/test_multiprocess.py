@@ -1,10 +1,10 @@
 """Two real processes (jax.distributed on 127.0.0.1, 4 CPU devices each, gloo collectives) run
-the digits teacher and sCD stages through the command line, as workers of a pod would, with
-every weight split 8 ways over both processes' devices (mesh.fsdp = 8) and each process feeding
-its own rows: one metrics.jsonl with each step once, one grid per stage, only process 0
-printing, checkpoints that a 1-process run reads, resumes and matches, and the reverse (two
-processes resume a 1-process checkpoint); and SIGTERM to both mid-run stops them at one step,
-from which a re-run reaches the uninterrupted run's parameters bit for bit."""
+the digits teacher and sCD stages through the command line, as workers of a pod would, each
+process feeding its own rows: one metrics.jsonl with each step once, one grid per stage, only
+process 0 printing, checkpoints that a 1-process run reads, resumes and matches; the teacher
+with every convolution split 8 ways over both processes' devices (mesh.fsdp = 8), equal to one
+process, and two processes resuming a 1-process checkpoint; and SIGTERM to both mid-run stops
+them at one step, from which a re-run reaches the uninterrupted run's parameters bit for bit."""
 import json
 import os
 import re
@@ -22,7 +22,7 @@ from tests.helpers import (finish_processes, load_experiment, start_two_processe
 DIGITS = "experiments/digits.py:variant=tiny"
 # Full tangent from step 0, and Adam eps that keep gradients at rounding level (the reduction
 # order differs between 2 processes and 1) from becoming lr-sized sign flips.
-OVERRIDES = ["--config.pipeline=teacher,scd,eval", "--config.mesh.fsdp=8",
+OVERRIDES = ["--config.pipeline=teacher,scd,eval", "--config.eval.teacher_steps=2",
              "--config.scd.loss.warmup_steps=0",
              "--config.teacher.optimizer.eps=0.001", "--config.scd.optimizer.eps=0.001",
              "--config.teacher.steps=10", "--config.teacher.log_every=1"]
@@ -57,10 +57,8 @@ def test_a_one_process_run_reads_and_resumes_the_two_process_checkpoints(two_pro
     # The same pipeline in this process over its 8 devices: the same global batches and mesh.
     single = {name: train.train_stage(config, name, str(tmp_path / "one"), log=lambda m: None)
               for name in ("teacher", "scd")}
-    specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(single["teacher"].nets["net"].params)}
-    assert any("fsdp" in spec for spec in specs)   # the weights really are split
-    # One sample file per evaluated model row (teacher at 2 NFEs, sCD at 1 and 2).
-    assert len(list((workdir / "samples").iterdir())) == 4
+    # One sample file per evaluated model row (the teacher at 3 NFE, sCD at 1 and 2).
+    assert len(list((workdir / "samples").iterdir())) == 3
     for name in ("teacher", "scd"):
         ema, step = ckpt.restore_stage_ema(config, name, str(workdir))
         assert step == config[name].steps
@@ -84,15 +82,6 @@ def test_a_one_process_run_reads_and_resumes_the_two_process_checkpoints(two_pro
     assert int(state.step) == 6 and any("resumed from step 4" in line for line in lines)
     rows = (tmp_path / "copy" / "scd" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [2, 4, 6]
-    # The reverse: two processes resume the one-process teacher at its step and data position.
-    teacher_only = [o for o in OVERRIDES if not o.startswith(("--config.pipeline",
-                                                               "--config.teacher.steps"))]
-    outputs = finish_processes(start_two_processes(
-        tmp_path / "one", DIGITS, teacher_only + ["--config.pipeline=teacher",
-                                                  "--config.teacher.steps=12"]))
-    assert "resumed from step 10" in outputs[0][0]
-    rows = (tmp_path / "one" / "teacher" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == list(range(1, 13))
 
 
 def test_sigterm_stops_both_processes_at_one_step_and_the_rerun_matches(two_process_run,
@@ -117,3 +106,27 @@ def test_sigterm_stops_both_processes_at_one_step_and_the_rerun_matches(two_proc
     a, b = (ckpt.CheckpointStore(d / "teacher").restore(abstract)[0] for d in (straight, tmp_path))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_fsdp_across_the_process_boundary_and_two_processes_resume_one(tmp_path):
+    """The teacher with its convolutions split over 'fsdp' across both processes' devices (each
+    process feeding its own rows) equals one process over 8 devices; two processes then resume
+    the one-process checkpoint at its step and data position."""
+    fsdp = ["--config.pipeline=teacher", "--config.mesh.fsdp=8", "--config.teacher.steps=2",
+            "--config.teacher.log_every=1", "--config.teacher.sample_every=-1",
+            "--config.teacher.optimizer.eps=0.001"]
+    finish_processes(start_two_processes(tmp_path / "two", DIGITS, fsdp))
+    config = load_experiment("digits", "variant=tiny", [o[len("--config."):] for o in fsdp])
+    single = train.train_stage(config, "teacher", str(tmp_path / "one"), log=lambda m: None)
+    specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(single.nets["net"].params)}
+    assert any("fsdp" in spec for spec in specs)   # the weights really are split
+    ema, step = ckpt.restore_stage_ema(config, "teacher", str(tmp_path / "two"))
+    assert step == 2
+    for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(single.nets["net"].ema)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    outputs = finish_processes(start_two_processes(tmp_path / "one", DIGITS,
+                                                   fsdp + ["--config.teacher.steps=4"]))
+    assert "resumed from step 2" in outputs[0][0]
+    rows = (tmp_path / "one" / "teacher" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
+

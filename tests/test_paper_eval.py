@@ -142,6 +142,7 @@ def test_imagenet512_latents_guided_evaluation_and_sampling_command(weights, tmp
     assert sample_cmd.main(["sample", "--config=experiments/imagenet512.py:variant=runlocal",
                             f"--workdir={workdir}", "--stage=scd", "--steps=2", "--num=5",
                             "--labels=207,360", "--guidance=1.3", f"--out={tmp_path / 'g.npz'}",
+                            "--config.model.channel_mult=(1,)",
                             f"--config.eval.vae.weights={tmp_path / 'vae.safetensors'}",
                             "--config.eval.vae.block_out_channels=8,8,8,8",
                             "--config.eval.vae.layers_per_block=1",
@@ -151,7 +152,7 @@ def test_imagenet512_latents_guided_evaluation_and_sampling_command(weights, tmp
         assert f["images"].shape == (5, 64, 64, 3)
     assert sample_cmd.main(["sample", "--config=experiments/imagenet512.py:variant=runlocal",
                             f"--workdir={workdir}", "--stage=teacher", "--steps=2", "--num=4",
-                            f"--out={tmp_path / 'g.png'}"]) == 0
+                            "--config.model.channel_mult=(1,)", f"--out={tmp_path / 'g.png'}"]) == 0
     assert (tmp_path / "g.png").stat().st_size > 100
 
 
