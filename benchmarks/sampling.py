@@ -110,6 +110,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default="")
     p.add_argument("--skip_presets", action="store_true")
+    p.add_argument("--skip_features", action="store_true")
     args = p.parse_args(argv)
     from scm_jax.cli import skip_absent_tpu
 
@@ -123,10 +124,11 @@ def main(argv=None):
     for r in result["samplers"]:
         print(f"| {r['sampler']} | {r['nfe']} | {r['images_per_second']:.1f} |")
     print(f"1-step images/s / (teacher NFE-63 images/s x 63) = {result['one_step_vs_ideal']:.3f}")
-    result["features"] = feature_throughput(args.feature_batch, max(2, args.repeats // 2))
-    print("\n| feature network | images/s |\n|---|---|")
-    for r in result["features"]:
-        print(f"| {r['network']} | {r['images_per_second']:.2f} |")
+    if not args.skip_features:
+        result["features"] = feature_throughput(args.feature_batch, max(2, args.repeats // 2))
+        print("\n| feature network | images/s |\n|---|---|")
+        for r in result["features"]:
+            print(f"| {r['network']} | {r['images_per_second']:.2f} |")
     if not args.skip_presets:
         result["presets"] = eval_cost_estimates()
         print("\n| preset | forward GFLOPs | 50k-sample row on v5p-64 at 40% MFU: 1-step / 2-step / "

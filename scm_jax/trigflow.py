@@ -5,6 +5,8 @@ paper: x0 is data with per-dimension std sigma_d, z ~ N(0, sigma_d^2 I), t in [0
 
 Shapes: images are [B, H, W, C]; times `t` are [B] and are broadcast over the image axes.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -101,7 +103,7 @@ def edm_denoiser_to_F(x_t: jax.Array, t: jax.Array, denoised: jax.Array, sigma_d
 
 def t_max(sigma_d: float, sigma_max: float = SIGMA_MAX) -> float:
     """Starting time of 1-step sampling: arctan(sigma_max / sigma_d), not pi/2 (Table 5)."""
-    return float(jnp.arctan(sigma_max / sigma_d))
+    return math.atan(sigma_max / sigma_d)
 
 
 def log_snr(t):
