@@ -3,8 +3,9 @@
     python -m scm_jax.main --config=experiments/digits.py --workdir=/tmp/digits
 
 runs, in order: the TrigFlow diffusion teacher, sCD and sCT (both initialized from the teacher's
-EMA, sCM App. G.2), the discrete-time dsCD baseline (App. E), then the evaluation table. Any
-stage runs alone with `:stage=teacher|scd|sct|dscd|eval`; `:variant=tiny` is a seconds-long
+EMA, sCM App. G.2), the discrete-time dsCD baseline (App. E), aVSD alone and sCD + aVSD
+(App. C), then the evaluation table. Any stage runs alone with
+`:stage=teacher|scd|sct|dscd|vsd|scd_vsd|eval`; `:variant=tiny` is a seconds-long
 smoke version (used by the tests). Overrides: `--config.scd.steps=500` etc.
 
 Choices for this dataset (the paper has none): sigma_d = 0.75 is the measured std of the pixels
@@ -32,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.stage = args.stage
     config.seed = 0
     config.dry_run = False
-    config.pipeline = ("teacher", "scd", "sct", "dscd", "eval")
+    config.pipeline = ("teacher", "scd", "sct", "dscd", "vsd", "scd_vsd", "eval")
     config.data = ml_collections.ConfigDict(dict(name="digits", holdout=297, sigma_d=0.75))
     config.model = ml_collections.ConfigDict(dict(
         name="unet",
@@ -69,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sct = objectives.section("scm", tangent="data", steps=steps(600), dropout=0.1, **cm)
     config.dscd = objectives.section("discrete", steps=steps(400),
                                      **dict(cm, loss=dict(cm["loss"], num_points=256)))
+    # aVSD alone and sCD + aVSD (sCM App. C), from the teacher like the other CMs.
+    config.vsd = objectives.section("avsd", scd_weight=0.0, steps=steps(600), **cm)
+    config.scd_vsd = objectives.section("avsd", scd_weight=1.0, steps=steps(600), **cm)
 
     # The digits classifier's scores (scm_jax.evaluation.evaluators.DigitsScorer), not FID.
     config.eval = eval_settings.eval_section(

@@ -71,6 +71,7 @@ DIT = dict(
     sizes=dit.SIZES, teacher_lr=1e-4, batch=256, teacher_steps=400_000,
     teacher_ema_halflife=1_774_367, cm_lr=1e-5, dropout=0.0,
 )
+VSD_STEPS = 20_000               # sCD + aVSD iterations (Table 5); aVSD alone: the same
 CM_EMA_SIGMA_REL = 0.05          # power EMA 0.05 for the ImageNet CMs (sCM Sec. 5.2, App. G.2)
 EDM2_RAMPUP_IMAGES = 10_000_000  # EDM2's LR ramp-up, for the teachers
 PIPELINE = ("teacher", "scd", "sct")   # then stage=eval, once the feature weights are set
@@ -150,6 +151,16 @@ def _cm_stages(config, *, cm: dict, steps, sct_steps, scd_steps, sct_dropout, sc
     config.sct = objectives.section("scm", tangent="data", steps=steps(sct_steps),
                                     dropout=sct_dropout, **cm)
     config.dscd = objectives.section("discrete", steps=steps(scd_steps), **cm)
+    # aVSD alone and sCD + aVSD (sCM App. C; Table 5: 20k iterations, F_phi at the CM lr with
+    # sCD's dropout, L_Diff(phi) P(-0.8, 1.6), L_aVSD P(0.4, 2.0), lambda 1); both start from
+    # the teacher's EMA like every CM.
+    vsd = dict(fake_dropout=scd_dropout)
+    config.vsd = objectives.section("avsd", steps=steps(VSD_STEPS), scd_weight=0.0,
+                                    dropout=scd_dropout, vsd=vsd,
+                                    guidance=dict(scale_min=g_min, scale_max=g_max), **cm)
+    config.scd_vsd = objectives.section("avsd", steps=steps(VSD_STEPS), scd_weight=1.0,
+                                        dropout=scd_dropout, vsd=vsd,
+                                        guidance=dict(scale_min=g_min, scale_max=g_max), **cm)
     if g_max != 1.0:
         # The guided student takes the scale as an input (sCM Sec. 7).
         config.model.guidance_input = True

@@ -156,10 +156,13 @@ def _restore_or_initialize(config, name, stage, store, batches, workdir, teacher
         state = jax.jit(lambda k: objective.init_state(k, stage.image_shape),
                         out_shardings=stage.state_sharding)(objectives.stage_key(config.seed, name))
         if teacher_params is not None and config[name].init_from_teacher:
-            # sCM App. G.2: every CM starts from the teacher's EMA parameters.
+            # sCM App. G.2: every CM starts from the teacher's EMA parameters (aVSD's fake
+            # score network too).
             where = ckpt.stage_dir(config, objective.teacher_stage, workdir)
-            net = merge_teacher_params(state.nets["net"].params, teacher_params, where)
-            state = jax.device_put(objective.with_params(state, "net", net), stage.state_sharding)
+            for network in objective.teacher_initialized:
+                params = merge_teacher_params(state.nets[network].params, teacher_params, where)
+                state = objective.with_params(state, network, params)
+            state = jax.device_put(state, stage.state_sharding)
         ckpt.write_record(directory, record)
     logger = MetricLogger(directory, name=name, total_steps=config[name].steps, log=say,
                           resume_step=int(state.step) if resuming else None)

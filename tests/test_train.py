@@ -16,7 +16,7 @@ from scm_jax import objectives, train
 from scm_jax.errors import ConfigError
 from tests.helpers import load_experiment
 
-STAGES = ("teacher", "scd", "sct", "dscd")
+STAGES = ("teacher", "scd", "sct", "dscd", "vsd", "scd_vsd")
 
 
 def tiny_config(**overrides):
@@ -80,9 +80,13 @@ def _tree_digest(directory):
     return digest.hexdigest()
 
 
-def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
-    config = tiny_config(**{"mesh.data": 1, "teacher.steps": 5, "teacher.checkpoint_every": 2})
-    straight = train.train_stage(config, "teacher", str(tmp_path / "straight"), log=_quiet)
+def test_killed_run_resumes_to_the_same_parameters(teacher_dir, tmp_path, monkeypatch):
+    # sCD + aVSD: the stage with the most state (five networks, three optimizers, an EMA, the
+    # teacher's parameters as an input); every stage runs the same loop.
+    config = tiny_config(**{"mesh.data": 1, "scd_vsd.steps": 5, "scd_vsd.checkpoint_every": 2})
+    config.teacher.checkpoint_dir = teacher_dir
+    straight = train.train_stage(config, "scd_vsd", str(tmp_path / "straight"), log=_quiet)
+    assert set(straight.nets) == {"net", "weight", "fake", "fake_weight", "vsd_weight"}
 
     original = train.MetricLogger.write
 
@@ -94,11 +98,11 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.MetricLogger, "write", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train.train_stage(config, "teacher", str(tmp_path / "killed"), log=_quiet)
+        train.train_stage(config, "scd_vsd", str(tmp_path / "killed"), log=_quiet)
     monkeypatch.setattr(train.MetricLogger, "write", original)
-    assert ckpt.CheckpointStore(str(tmp_path / "killed" / "teacher")).latest_step() == 2
+    assert ckpt.CheckpointStore(str(tmp_path / "killed" / "scd_vsd")).latest_step() == 2
     lines = []
-    resumed = train.train_stage(config, "teacher", str(tmp_path / "killed"), log=lines.append)
+    resumed = train.train_stage(config, "scd_vsd", str(tmp_path / "killed"), log=lines.append)
     assert any("resumed from step 2" in line for line in lines), lines
     assert int(resumed.step) == 5
     for a, b in zip(_params(straight), _params(resumed)):
@@ -109,8 +113,14 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     # metrics.jsonl holds every step once: the interrupted run's rows after step 2 are gone.
     import json
 
-    rows = (tmp_path / "killed" / "teacher" / "metrics.jsonl").read_text().splitlines()
+    rows = (tmp_path / "killed" / "scd_vsd" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5]
+    # Both networks that start from the teacher's EMA did (sCM App. G.2; the fake score's
+    # start is our choice): the fake score moved from it by a few Adam steps only.
+    teacher_ema = ckpt.restore_stage_ema(config, "teacher", os.path.dirname(teacher_dir))[0]
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+             zip(jax.tree.leaves(straight.nets["fake"].params), jax.tree.leaves(teacher_ema))]
+    assert 0 < max(moved) < 0.01
 
 
 @pytest.mark.parametrize("key,value,expected", [

@@ -9,6 +9,7 @@ the experiment configs that use it.
     diffusion   TrigFlow diffusion teacher (sCM Eq. 4, EDM2 App. D)        diffusion.py
     scm         continuous-time sCT / sCD (sCM Eq. 6-8, Alg. 1)            scm.py
     discrete    discrete-time dsCD baseline (sCM App. E, Alg. 2)           discrete.py
+    avsd        adaptive VSD, alone or added to sCD (sCM App. C)           vsd.py
 """
 from scm_jax.errors import ConfigError
 from scm_jax.objectives.base import NetState, Network, Objective, TrainState, stage_key
@@ -16,8 +17,9 @@ from scm_jax.objectives.diffusion import Diffusion
 from scm_jax.objectives.discrete import DiscreteCM
 from scm_jax.objectives.scm import SCM
 from scm_jax.objectives.teacher import Teacher
+from scm_jax.objectives.vsd import AdaptiveVSD
 
-OBJECTIVES = {cls.name: cls for cls in (Diffusion, SCM, DiscreteCM)}
+OBJECTIVES = {cls.name: cls for cls in (Diffusion, SCM, DiscreteCM, AdaptiveVSD)}
 
 
 def get(name: str) -> type:

@@ -215,6 +215,11 @@ class Objective(abc.ABC):
         """True when the step queries the teacher (its params are an input of every step)."""
         return False
 
+    @property
+    def teacher_initialized(self) -> tuple:
+        """The networks a fresh stage starts from the teacher's EMA (with `init_from_teacher`)."""
+        return ("net",)
+
     # --- State ------------------------------------------------------------------------------
     def example_inputs(self, image_shape, batch_size: int = 1):
         """Dummy (x, t, cond) for initialization; shapes only matter."""

@@ -11,6 +11,9 @@ from flax import struct
 
 # Independent per-sample streams of `Randomness.keys`, one per kind of draw.
 TIME, NOISE, LABEL_DROP, GUIDANCE, GRID_INDEX = range(5)
+# aVSD (objectives/vsd.py): the generator's latent, the VSD term's time and noise, and the fake
+# score's own diffusion loss (a `substream`).
+VSD_LATENT, VSD_TIME, VSD_NOISE, FAKE_SCORE = range(5, 9)
 
 
 @struct.dataclass
@@ -38,6 +41,11 @@ class Randomness:
     def for_batch(cls, key, batch_size: int):
         """The randomness of a whole batch of `batch_size` samples (tests, tools)."""
         return cls.for_rows(key, jnp.arange(batch_size, dtype=jnp.uint32))
+
+    def substream(self, kind: int) -> "Randomness":
+        """Independent randomness for a second loss on the same samples: every stream and the
+        dropout key derived from `kind`."""
+        return Randomness(self.stream(kind), jax.random.fold_in(self.dropout_key, kind))
 
     def stream(self, kind: int) -> jax.Array:
         """[b] keys of one kind of draw (TIME, NOISE, ...)."""
