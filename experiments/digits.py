@@ -51,6 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         attention_impl="xla",
         remat="none",
         dtype="float32",
+        # The paper's stabilizers (sCM Sec. 4); the ablation study switches each off.
+        time_transform="identity",    # c_noise(t) = t | 'edm': ln(sigma_d tan t) / 4
+        time_embedding="positional",  # | 'fourier' (scale 16)
+        modulation="adn",             # adaptive double normalization | 'adagn'
     ))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 

@@ -24,6 +24,7 @@ from scm_jax import data as data_lib
 from scm_jax import files, objectives, sharding
 from scm_jax.errors import CheckpointMismatchError, MissingInputError, UserError
 from scm_jax.networks import NON_IDENTITY_KEYS as MODEL_NON_IDENTITY_KEYS
+from scm_jax.networks import STABILIZER_KEYS
 
 RECORD_FILE = "config.json"
 QUARANTINE_PREFIX = "corrupt-"   # checkpoints/corrupt-<step>-<time>: set aside, kept for forensics
@@ -92,6 +93,10 @@ def check_stage_config(directory, record: dict) -> None:
             f"{path} holds no stage identity (written by another version of scm_jax?): use "
             f"another --workdir")
     old, new = _flatten(saved["identity"]), _flatten(_plain(record["identity"]))
+    # Entries added to the architecture later: absent means the value older checkpoints had.
+    implicit = {f"model.{k}": default for k, (_, default, _) in STABILIZER_KEYS.items()}
+    old = {**{k: v for k, v in implicit.items() if k in new}, **old}
+    new = {**{k: v for k, v in implicit.items() if k in old}, **new}
     diffs = [f"{key} = {old.get(key, '<absent>')!r} there, {new.get(key, '<absent>')!r} now"
              for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if diffs:

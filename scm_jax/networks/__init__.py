@@ -10,7 +10,8 @@ import ml_collections
 
 from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import check_attention_impl
-from scm_jax.networks.layers import REMAT_MODES, AdaptiveWeight
+from scm_jax.networks.layers import (MODULATIONS, REMAT_MODES, TIME_EMBEDDINGS, TIME_TRANSFORMS,
+                                    AdaptiveWeight)
 from scm_jax.networks import ddpmpp, dit, edm2, unet
 from scm_jax.networks.unet import UNet
 
@@ -41,7 +42,42 @@ def build_network(model: ml_collections.ConfigDict, *, dropout: float | None = N
 
 # Entries of config.model that do not change what a checkpoint's parameters mean: how the
 # network is computed (dtype, attention kernel, rematerialization) and regularized (dropout).
+# (The stabilizer switches below do change it, so they are not here.)
 NON_IDENTITY_KEYS = ("attention_impl", "dtype", "dropout", "dropout_max_resolution", "remat")
+
+# The sCM Sec. 4.1 architecture switches, for ablations: key -> (allowed values, the default
+# (the paper's choice), the values only the 'unet' backbone implements). A key absent from
+# config.model means its default.
+#   time_transform   'identity': c_noise(t) = t (paper) | 'edm': ln(sigma_d tan t) / 4 (Eq. 7)
+#   time_embedding   'positional' (paper) | 'fourier': fixed random features of scale 16 (Fig. 4)
+#   modulation       'adn': adaptive double normalization (paper) | 'adagn': AdaGN
+# `modulation` is also a key of the other backbones, with values of their own (ddpmpp
+# 'additive', edm2 'edm2', dit 'adaln', which their `from_config` checks): for them only
+# 'adagn' is rejected here.
+STABILIZER_KEYS = {
+    "time_transform": (TIME_TRANSFORMS, "identity", tuple(v for v in TIME_TRANSFORMS
+                                                          if v != "identity")),
+    "time_embedding": (tuple(TIME_EMBEDDINGS), "positional", tuple(v for v in TIME_EMBEDDINGS
+                                                                 if v != "positional")),
+    "modulation": (tuple(MODULATIONS), "adn", ("adagn",)),
+}
+
+
+def check_stabilizer_keys(model: ml_collections.ConfigDict) -> None:
+    """The switches of `STABILIZER_KEYS`: known values, and non-default ones on the 'unet'
+    backbone only (the other backbones implement the paper's choices alone). ConfigError."""
+    for key, (allowed, _, unet_only) in STABILIZER_KEYS.items():
+        if key not in model:
+            continue
+        value = model[key]
+        if model.name != "unet" and value in unet_only:
+            raise ConfigError(f"config.model.{key} = {value!r} is supported by the 'unet' "
+                              f"backbone only (config.model.name = {model.name!r})")
+        if model.name != "unet" and key == "modulation":
+            continue   # the backbone's own values, checked by its from_config
+        if value not in allowed:
+            raise ConfigError(f"config.model.{key} = {value!r} is invalid: expected one of "
+                              f"{allowed}")
 
 
 def validate_model_config(model: ml_collections.ConfigDict) -> None:
@@ -62,6 +98,7 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
     if not (isinstance(channels, int) and channels >= 4 and channels % 2 == 0):
         raise ConfigError(f"config.model.weight_channels = {channels!r} is invalid: expected an "
                           f"even integer >= 4 (the adaptive weighting's embedding width)")
+    check_stabilizer_keys(model)
     build_network(model)
 
 
@@ -80,5 +117,5 @@ def bind_apply(module, *, train: bool):
     return net_fn
 
 
-__all__ = ["AdaptiveWeight", "BACKBONES", "NON_IDENTITY_KEYS", "UNet", "bind_apply",
-           "build_network", "validate_model_config"]
+__all__ = ["AdaptiveWeight", "BACKBONES", "NON_IDENTITY_KEYS", "STABILIZER_KEYS", "UNet",
+           "bind_apply", "build_network", "check_stabilizer_keys", "validate_model_config"]

@@ -1,4 +1,4 @@
-"""Building blocks shared by the backbones: time embedding, ADN, conditioning.
+"""Building blocks shared by the backbones: time transform and embedding, ADN, conditioning.
 
 All embedding math runs in float32 whatever the compute dtype: the sCM tangent differentiates
 through the time embedding, and its derivative is what sCM Sec. 4.1 stabilizes (Eq. 7).
@@ -7,6 +7,7 @@ through the time embedding, and its derivative is what sCM Sec. 4.1 stabilizes (
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scm_jax.errors import ConfigError
 
@@ -79,6 +80,60 @@ def positional_embedding(c: jax.Array, num_channels: int, max_positions: float =
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
+# Random Fourier features emb(c) = [cos(2 pi f_k c), sin(2 pi f_k c)], f_k ~ N(0, scale^2)
+# (NCSN++ / EDM's FourierEmbedding, scale 16). The "Fourier scale 16" set-up of sCM Fig. 4,
+# whose large, oscillating d emb / dc makes the tangent unstable (Sec. 4.1, Eq. 7); kept for
+# ablations (`model.time_embedding='fourier'`), not the paper's choice. The frequencies are
+# fixed, not trained: drawn once from numpy's generator with a fixed seed, so every build (and
+# every process) has the same ones and the parameter tree is the positional embedding's.
+FOURIER_SCALE = 16.0
+FOURIER_SEED = 0
+
+
+def fourier_frequencies(num_channels: int, scale: float = FOURIER_SCALE,
+                        seed: int = FOURIER_SEED) -> np.ndarray:
+    """The fixed frequencies f_k ~ N(0, scale^2), [num_channels // 2] float64 (numpy)."""
+    return np.random.default_rng(seed).standard_normal(num_channels // 2) * scale
+
+
+def fourier_embedding(c: jax.Array, num_channels: int, scale: float = FOURIER_SCALE,
+                      seed: int = FOURIER_SEED):
+    """c: [B] -> [B, num_channels] float32 (float64 stays float64)."""
+    if num_channels % 2 or num_channels < 4:
+        raise ValueError(f"Fourier embedding needs an even width >= 4, got {num_channels}")
+    dtype = at_least_f32(c.dtype)
+    freqs = jnp.asarray(2 * np.pi * fourier_frequencies(num_channels, scale, seed), dtype)
+    angles = c.astype(dtype)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+# `model.time_embedding`: what embeds c_noise(t). 'positional' is the paper's (Sec. 4.1).
+TIME_EMBEDDINGS = {"positional": positional_embedding, "fourier": fourier_embedding}
+
+# `model.time_transform`: c_noise(t), the network's time input (sCM Sec. 4.1, Eq. 7).
+# 'identity': c_noise(t) = t in radians, the paper's choice: sin(t) d c_noise/dt = sin(t) is
+# bounded. 'edm': EDM's c_noise = ln(sigma) / 4 with sigma = sigma_d tan t (Eq. 30), for which
+# sin(t) d c_noise/dt = 1 / (4 cos t) blows up as t -> pi/2: the unstable transform of Sec. 4.1
+# and Fig. 4, kept for ablations (undefined at t = 0, where ln(0) = -inf).
+TIME_TRANSFORMS = ("identity", "edm")
+
+
+def noise_conditioning(t: jax.Array, transform: str = "identity", sigma_d: float | None = None):
+    """c_noise(t): [B] TrigFlow times -> [B] network time inputs, float32 at least.
+
+    transform 'edm' needs the data std `sigma_d` (c_noise = ln(sigma_d tan t) / 4).
+    """
+    if transform == "identity":
+        return t
+    if transform == "edm":
+        if sigma_d is None:
+            raise ValueError("time_transform='edm' needs sigma_d (c_noise = ln(sigma_d tan t) "
+                             "/ 4): the objectives fill it from config.data.sigma_d")
+        t = t.astype(at_least_f32(t.dtype))
+        return jnp.log(sigma_d * jnp.tan(t)) / 4
+    raise ValueError(f"unknown time transform {transform!r}; expected one of {TIME_TRANSFORMS}")
+
+
 # pnorm(a) = a / sqrt(mean_c a^2 + eps): pixel normalization over channels (Karras et al. 2017),
 # applied to the per-sample scale and shift of ADN (sCM Sec. 4.1).
 def pixel_norm(a: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -95,20 +150,42 @@ def adaptive_double_norm(h_normed: jax.Array, scale: jax.Array, shift: jax.Array
             + pixel_norm(shift)[expand].astype(h_normed.dtype))
 
 
+# AdaGN of ADM / EDM: y = norm(h) * (1 + s(emb)) + b(emb), with no pixel norm of s and b. The
+# modulation that made CM training diverge (Song & Dhariwal 2023; sCM Sec. 4.1), kept for
+# ablations (`model.modulation='adagn'`); ADN is the paper's choice.
+def adaptive_group_norm(h_normed: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+    """h_normed [B, ..., C] (already normalized), scale and shift [B, C] -> [B, ..., C]."""
+    expand = (slice(None),) + (None,) * (h_normed.ndim - 2) + (slice(None),)
+    return (h_normed * (1 + scale)[expand].astype(h_normed.dtype)
+            + shift[expand].astype(h_normed.dtype))
+
+
+# `model.modulation` of the U-Net: how a block's embedding modulates its normalized features.
+MODULATIONS = {"adn": adaptive_double_norm, "adagn": adaptive_group_norm}
+
+
 class AdaptiveDoubleNorm(nn.Module):
     """ADN with a GroupNorm without affine parameters; s and b come from one Dense of width 2C
-    on the embedding. h: [B, H, W, C]; emb: [B, E] -> [B, H, W, C]."""
+    on the embedding. h: [B, H, W, C]; emb: [B, E] -> [B, H, W, C].
+
+    modulation='adagn' applies AdaGN's h * (1 + s) + b to the same s and b instead (same
+    parameters, same names: only what they mean changes).
+    """
 
     groups: int = 8
     dtype: jnp.dtype = jnp.float32
+    modulation: str = "adn"
 
     @nn.compact
     def __call__(self, h: jax.Array, emb: jax.Array) -> jax.Array:
+        if self.modulation not in MODULATIONS:
+            raise ValueError(f"unknown modulation {self.modulation!r}; expected one of "
+                             f"{tuple(MODULATIONS)}")
         channels = h.shape[-1]
         h = nn.GroupNorm(num_groups=min(self.groups, channels), use_bias=False, use_scale=False,
                          dtype=self.dtype, name="norm")(h)
         scale_shift = nn.Dense(2 * channels, dtype=at_least_f32(self.dtype), name="affine")(emb)
-        return adaptive_double_norm(h, *jnp.split(scale_shift, 2, axis=-1))
+        return MODULATIONS[self.modulation](h, *jnp.split(scale_shift, 2, axis=-1))
 
 
 class ConditioningEmbedding(nn.Module):
@@ -118,16 +195,24 @@ class ConditioningEmbedding(nn.Module):
     used for classifier-free guidance dropout. The guidance scale enters through its own
     positional embedding and a linear layer, added to the time embedding (sCM Sec. 7); it is a
     constant in the sCM JVP (zero tangent). The backbone checks the inputs (`check_inputs`).
+
+    `t` here is the network's time input c_noise(t) (`noise_conditioning`); `time_embedding`
+    ('positional' | 'fourier', `TIME_EMBEDDINGS`) embeds it. The guidance scale always uses the
+    positional embedding.
     """
 
     emb_channels: int
     noise_channels: int
     num_classes: int = 0
     guidance_input: bool = False
+    time_embedding: str = "positional"
 
     @nn.compact
     def __call__(self, t, y=None, guidance=None):
-        emb = positional_embedding(t, self.noise_channels)
+        if self.time_embedding not in TIME_EMBEDDINGS:
+            raise ValueError(f"unknown time embedding {self.time_embedding!r}; expected one of "
+                             f"{tuple(TIME_EMBEDDINGS)}")
+        emb = TIME_EMBEDDINGS[self.time_embedding](t, self.noise_channels)
         emb = nn.Dense(self.emb_channels, name="time_dense0")(emb)
         emb = nn.Dense(self.emb_channels, name="time_dense1")(nn.silu(emb))
         if self.num_classes:

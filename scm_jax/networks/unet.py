@@ -5,6 +5,16 @@ Changes from a DDPM++-style U-Net, as the paper makes them:
 - every residual block modulates with adaptive double normalization (ADN);
 - optional class conditioning (with a null label for CFG) and a guidance-scale input.
 
+Each of these choices can be switched back to what the paper replaced, for ablations (keys of
+config.model, absent = the paper's choice; they change what the parameters mean, not their
+shapes or names):
+- `time_transform`: 'identity' (c_noise(t) = t, Sec. 4.1) | 'edm' (EDM's c_noise =
+  ln(sigma_d tan t) / 4, whose derivative sin(t) d c_noise/dt = 1/(4 cos t) is unbounded, Eq. 7);
+- `time_embedding`: 'positional' (Sec. 4.1) | 'fourier' (fixed random Fourier features of scale
+  16, the unstable set-up of Fig. 4);
+- `modulation`: 'adn' (Sec. 4.1) | 'adagn' (ADM/EDM's AdaGN, h * (1 + s) + b, which made CM
+  training diverge).
+
 The network computes F in x_t / sigma_d space: preconditioning (c_skip = cos t, c_out =
 -sigma_d sin t, Eq. 23) lives in `trigflow.consistency_fn`, not here.
 """
@@ -16,7 +26,7 @@ import jax.numpy as jnp
 
 from scm_jax.networks.attention import SelfAttention
 from scm_jax.networks.layers import (AdaptiveDoubleNorm, ConditioningEmbedding, at_least_f32,
-                                    check_inputs, remat_block)
+                                    check_inputs, noise_conditioning, remat_block)
 
 # Logical axes of the convolutions (scm_jax.sharding): with mesh.fsdp > 1 their kernels and
 # biases are split over 'fsdp' along the output channels; the rest stays replicated.
@@ -40,13 +50,14 @@ class ResBlock(nn.Module):
     out_channels: int
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    modulation: str = "adn"   # 'adn' | 'adagn' (see `layers.AdaptiveDoubleNorm`)
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
         cin = x.shape[-1]
         h = nn.GroupNorm(num_groups=min(8, cin), dtype=self.dtype, name="norm0")(x)
         h = _conv(self.out_channels, 3, "conv0", self.dtype)(nn.silu(h))
-        h = AdaptiveDoubleNorm(dtype=self.dtype, name="adn")(h, emb)
+        h = AdaptiveDoubleNorm(dtype=self.dtype, modulation=self.modulation, name="adn")(h, emb)
         h = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(nn.silu(h))
         # Zero-initialized last conv: each block starts as its skip path (DDPM++ init_zero).
         h = _conv(self.out_channels, 3, "conv1", self.dtype, init=nn.initializers.zeros)(h)
@@ -60,6 +71,13 @@ class UNet(nn.Module):
 
     Resolutions halve once per entry of `channel_mult` after the first. Attention runs at the
     resolutions listed in `attn_resolutions` (in pixels).
+
+    `time_transform`, `time_embedding` and `modulation` are the ablation switches of the module
+    docstring. `sigma_d` (the data std) is used by time_transform='edm' only, whose c_noise =
+    ln(sigma_d tan t) / 4 needs it, since the network sees t and x_t / sigma_d but not sigma_d.
+    It is not a key of config.model: it is config.data.sigma_d, which the objectives copy into
+    the model section they build from (`RegressionObjective.model_config`), and only when
+    time_transform='edm', so the identity of every other checkpoint is unchanged.
     """
 
     channels: int = 32
@@ -75,15 +93,21 @@ class UNet(nn.Module):
     attention_impl: str = "xla"
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
+    time_transform: str = "identity"
+    time_embedding: str = "positional"
+    modulation: str = "adn"
+    sigma_d: float | None = None
 
     @nn.compact
     def __call__(self, x, t, y=None, guidance=None, *, train: bool = False):
         check_inputs(x, t, y, guidance, num_classes=self.num_classes,
                      guidance_input=self.guidance_input)
+        c_noise = noise_conditioning(t, self.time_transform, self.sigma_d)
         emb = ConditioningEmbedding(self.emb_channels, self.noise_channels, self.num_classes,
-                                    self.guidance_input, name="embed")(t, y, guidance)
+                                    self.guidance_input, self.time_embedding,
+                                    name="embed")(c_noise, y, guidance)
         block = lambda c, name: remat_block(ResBlock, self.remat)(  # noqa: E731
-            c, self.dropout, self.dtype, name=name)
+            c, self.dropout, self.dtype, self.modulation, name=name)
         attend = lambda name: SelfAttention(self.num_heads, self.attention_impl, self.dtype,  # noqa: E731
                                             name=name)
 
@@ -124,7 +148,8 @@ class UNet(nn.Module):
 def from_config(model, *, dropout: float, dtype) -> UNet:
     """The U-Net that config.model describes (keys: channels, channel_mult, num_blocks,
     attn_resolutions, num_heads, noise_channels, emb_channels, num_classes, guidance_input,
-    attention_impl)."""
+    attention_impl; optional: remat, time_transform, time_embedding, modulation, each absent =
+    its default, and sigma_d, which only the objectives set, see `UNet`)."""
     return UNet(
         channels=model.channels,
         channel_mult=tuple(model.channel_mult),
@@ -139,4 +164,8 @@ def from_config(model, *, dropout: float, dtype) -> UNet:
         attention_impl=model.attention_impl,
         remat=model.get("remat", "none"),
         dtype=dtype,
+        time_transform=model.get("time_transform", "identity"),
+        time_embedding=model.get("time_embedding", "positional"),
+        modulation=model.get("modulation", "adn"),
+        sigma_d=model.get("sigma_d", None),
     )

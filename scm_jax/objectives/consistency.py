@@ -14,7 +14,8 @@ import numpy as np
 from scm_jax.networks import bind_apply, build_network
 from scm_jax.objectives.base import check
 from scm_jax.objectives.randomness import GUIDANCE
-from scm_jax.objectives.regression import RegressionObjective, bcast, check_proposal, per_sample_sq_norm
+from scm_jax.objectives.regression import (RegressionObjective, bcast, check_adaptive_weighting,
+                                           check_proposal, per_sample_sq_norm)
 
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
 JVP_DTYPES = ("", "float32", "bfloat16", "float16")
@@ -66,6 +67,7 @@ class ConsistencyObjective(RegressionObjective):
             tangent_c=0.1,            # c of g / (||g|| + c) (Sec. 4.2)
             warmup_steps=10000,       # H of r = min(1, step / H) (Alg. 1)
             tangent_norm="l2",        # l2 | rms | clip | none
+            adaptive_weighting=True,  # learned w_phi(t) (Eq. 8) | False: w = 0, the plain mean
         ),
         guidance=dict(scale_min=1.0, scale_max=1.0),  # CFG scale of the teacher (and student input)
         jvp_dtype="",                 # compute dtype of the tangent pass; '' = model.dtype
@@ -77,6 +79,7 @@ class ConsistencyObjective(RegressionObjective):
     def check_section(cls, config, where: str) -> None:
         st = config[where]
         check_proposal(config, where)
+        check_adaptive_weighting(config, where)
         check(st.loss.tangent_c >= 0, f"{where}.loss.tangent_c", st.loss.tangent_c, ">= 0")
         check(st.loss.warmup_steps >= 0, f"{where}.loss.warmup_steps", st.loss.warmup_steps,
               ">= 0")

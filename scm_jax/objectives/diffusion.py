@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from scm_jax import trigflow
 from scm_jax.objectives.base import check
 from scm_jax.objectives.randomness import LABEL_DROP, Randomness
-from scm_jax.objectives.regression import RegressionObjective, Targets, check_proposal, draw_noisy
+from scm_jax.objectives.regression import (RegressionObjective, Targets, check_adaptive_weighting,
+                                           check_proposal, draw_noisy)
 
 
 def diffusion_targets(rng: Randomness, x0, cond, *, sigma_d, p_mean, p_std) -> Targets:
@@ -30,7 +31,8 @@ class Diffusion(RegressionObjective):
     sampler = "ode"
     SCHEMA = dict(
         label_dropout=0.0,                        # p(null label), for classifier-free guidance
-        loss=dict(p_mean=-1.0, p_std=1.6),        # ln(sigma_d tan t) ~ N(P_mean, P_std^2)
+        loss=dict(p_mean=-1.0, p_std=1.6,         # ln(sigma_d tan t) ~ N(P_mean, P_std^2)
+                  adaptive_weighting=True),       # learned w_phi(t) (EDM2) | False: w = 0
     )
 
     @classmethod
@@ -39,11 +41,12 @@ class Diffusion(RegressionObjective):
         check(0.0 <= st.label_dropout < 1.0, f"{where}.label_dropout", st.label_dropout,
               "in [0, 1)")
         check_proposal(config, where)
+        check_adaptive_weighting(config, where)
 
     def model_config(self, config):
         """A diffusion model never takes a guidance-scale input: only a guided student does
         (sCM Sec. 7), and it starts from this model with that input zero-initialized."""
-        model = config.model.copy_and_resolve_references()
+        model = super().model_config(config)
         with model.unlocked():
             model.guidance_input = False
         return model

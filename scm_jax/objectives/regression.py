@@ -88,7 +88,24 @@ def weighted_regression(params, targets: Targets, *, net_fn, weight_fn):
 class RegressionObjective(Objective):
     """An objective whose differentiated pass is `weighted_regression`: the backbone 'net' and
     the adaptive weighting 'weight' (w_phi of sCM Eq. 8, fresh in every stage, no EMA), both
-    trained by the stage's optimizer settings. Subclasses define `targets`."""
+    trained by the stage's optimizer settings. Subclasses define `targets`.
+
+    `<stage>.loss.adaptive_weighting` (every subclass's schema has it): True, the paper's
+    choice (sCM Sec. 4.2, Eq. 8, Fig. 5b; EDM2 App. D), learns w_phi(t); False fixes w = 0, so
+    the loss is the plain batch mean of ||residual||^2 / D. The 'weight' network then still
+    exists (same state, same checkpoints) but is not used, so its gradient is zero.
+    """
+
+    def model_config(self, config):
+        """config.model, plus `sigma_d` = config.data.sigma_d when model.time_transform is
+        'edm': the network's c_noise = ln(sigma_d tan t) / 4 needs the data std, which is
+        config.data's (one value, not a second copy in config.model). Only then, so the model
+        identity of every other run is unchanged."""
+        model = super().model_config(config)
+        if model.get("time_transform", "identity") == "edm":
+            with model.unlocked():
+                model.sigma_d = float(config.data.sigma_d)
+        return model
 
     def build_networks(self) -> dict:
         weight = AdaptiveWeight(self.config.model.weight_channels)
@@ -97,11 +114,21 @@ class RegressionObjective(Objective):
                     weight=Network(weight, init_weight, self.optimizer, ema=None))
 
     def weight_fn(self, params, t):
+        """w_phi(t) [B] (sCM Eq. 8), or zeros with loss.adaptive_weighting = False."""
+        if not self.cfg.loss.adaptive_weighting:
+            return jnp.zeros(t.shape, jnp.promote_types(t.dtype, jnp.float32))
         return self.networks["weight"].module.apply({"params": params}, t)
 
     def loss(self, params, targets: Targets):
         return weighted_regression(params, targets, net_fn=self.net_train,
                                    weight_fn=self.weight_fn)
+
+
+def check_adaptive_weighting(config, where: str) -> None:
+    """config.<where>.loss.adaptive_weighting is a boolean (True: learned w_phi, Eq. 8)."""
+    value = config[where].loss.adaptive_weighting
+    check(isinstance(value, bool), f"{where}.loss.adaptive_weighting", value,
+          "True (learned w_phi(t), sCM Eq. 8) or False (w = 0: the plain mean)")
 
 
 def check_proposal(config, where: str) -> None:

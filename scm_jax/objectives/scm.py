@@ -24,7 +24,7 @@ PRIOR_WEIGHTINGS = ("paper", "uniform")
 
 
 def scm_tangent(net_fn, params, x_t, t, dxdt, cond, dropout_key, *, sigma_d, warmup_ratio,
-                prior_weighting="paper"):
+                prior_weighting="paper", jvp_rearranged=True):
     """g = cos(t) df^-/dt with tangent warmup, via the rearranged JVP (sCM Sec. 5.1, Alg. 1).
 
     One `jax.jvp` of F^- at primal (x_t/sigma_d, t) with tangents (cos t sin t dx_t/dt,
@@ -34,11 +34,23 @@ def scm_tangent(net_fn, params, x_t, t, dxdt, cond, dropout_key, *, sigma_d, war
     `params` must already be stop-gradient. Returns (F^- [B,...], g [B,...]) in float32.
     prior_weighting='uniform' replaces w(t) = 1/(sigma_d tan t) of Eq. 8 by 1, i.e. multiplies
     g by sigma_d tan t.
+
+    jvp_rearranged=False is the un-rearranged form, for ablations: the JVP takes the tangents
+    (dx_t/dt, sigma_d) and returns sigma_d dF^-/dt itself (grad_u F^- dx_t/dt + d_t F^- sigma_d
+    with u = x_t / sigma_d), which is multiplied by cos t sin t only after the JVP. The same g in
+    exact arithmetic; in the tangent pass's dtype its intermediate tangents are 1/(cos t sin t)
+    times larger, which overflows float16 near t = 0 and t = pi/2 (Sec. 5.1). True (the
+    rearranged JVP) is the paper's choice.
     """
     cs = bcast(jnp.cos(t) * jnp.sin(t), x_t)
     fn = lambda x, tt: net_fn(params, x, tt, cond, dropout_key)  # noqa: E731
-    F_minus, dF = jax.jvp(fn, (x_t / sigma_d, t),
-                          (cs * dxdt, jnp.cos(t) * jnp.sin(t) * sigma_d))
+    if jvp_rearranged:
+        F_minus, dF = jax.jvp(fn, (x_t / sigma_d, t),
+                              (cs * dxdt, jnp.cos(t) * jnp.sin(t) * sigma_d))
+    else:
+        F_minus, dF_dt = jax.jvp(fn, (x_t / sigma_d, t),
+                                 (dxdt.astype(x_t.dtype), jnp.full_like(t, sigma_d)))
+        dF = cs * f32(dF_dt)
     F_minus = f32(F_minus)
     cos_t = bcast(jnp.cos(t), x_t)
     g = -jnp.square(cos_t) * (sigma_d * F_minus - dxdt)
@@ -50,10 +62,10 @@ def scm_tangent(net_fn, params, x_t, t, dxdt, cond, dropout_key, *, sigma_d, war
 
 def scm_targets(rng: Randomness, x0, cond, *, net_fn, params, step, sigma_d, p_mean, p_std,
                 tangent_c, warmup_steps, tangent_norm="l2", prior_weighting="paper",
-                teacher=None) -> Targets:
+                jvp_rearranged=True, teacher=None) -> Targets:
     """Targets of sCT (teacher=None: dx/dt = cos t z - sin t x0) or sCD (Alg. 1).
 
-    teacher: a function (x_t, t, cond) -> dx_t/dt for sCD.
+    teacher: a function (x_t, t, cond) -> dx_t/dt for sCD. jvp_rearranged: see `scm_tangent`.
     """
     k_drop = rng.dropout_key
     t, z, x_t = draw_noisy(rng, x0, sigma_d=sigma_d, p_mean=p_mean, p_std=p_std)
@@ -63,7 +75,7 @@ def scm_targets(rng: Randomness, x0, cond, *, net_fn, params, step, sigma_d, p_m
         dxdt = teacher(x_t, t, cond)
     _, g = scm_tangent(net_fn, jax.lax.stop_gradient(params), x_t, t, dxdt, cond, k_drop,
                        sigma_d=sigma_d, warmup_ratio=warmup_ratio(step, warmup_steps),
-                       prior_weighting=prior_weighting)
+                       prior_weighting=prior_weighting, jvp_rearranged=jvp_rearranged)
     g = normalize_tangent(g, kind=tangent_norm, c=tangent_c)
     return jax.lax.stop_gradient(Targets(x_t / sigma_d, t, cond, g, k_drop, consistency=True))
 
@@ -72,8 +84,10 @@ class SCM(ConsistencyObjective):
     """sCT (`tangent='data'`) and sCD (`tangent='teacher'`)."""
 
     name = "scm"
-    SCHEMA = extend(ConsistencyObjective.SCHEMA, tangent="data",
-                    loss=dict(prior_weighting="paper"))  # paper: w(t) = 1/(sigma_d tan t) | uniform
+    SCHEMA = extend(ConsistencyObjective.SCHEMA, tangent="data", loss=dict(
+        prior_weighting="paper",   # paper: w(t) = 1/(sigma_d tan t) | uniform
+        jvp_rearranged=True,       # the rearranged JVP (Sec. 5.1, paper) | False: un-rearranged
+    ))
     IDENTITY_KEYS = ("tangent",)
 
     @classmethod
@@ -84,6 +98,13 @@ class SCM(ConsistencyObjective):
               "'data' (sCT) or 'teacher' (sCD)")
         check(st.loss.prior_weighting in PRIOR_WEIGHTINGS, f"{where}.loss.prior_weighting",
               st.loss.prior_weighting, f"one of {PRIOR_WEIGHTINGS}")
+        check(isinstance(st.loss.jvp_rearranged, bool), f"{where}.loss.jvp_rearranged",
+              st.loss.jvp_rearranged, "True (the rearranged JVP, sCM Sec. 5.1) or False")
+
+    def loss_settings(self) -> dict:
+        """The consistency settings, plus `jvp_rearranged` (sCM's tangent only: the discrete
+        objective's finite difference has no JVP)."""
+        return dict(super().loss_settings(), jvp_rearranged=self.cfg.loss.jvp_rearranged)
 
     @property
     def distills(self) -> bool:
