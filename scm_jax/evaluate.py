@@ -32,11 +32,27 @@ from scm_jax.metrics_log import save_image_grid
 
 def guidance_scales(objective, ev) -> tuple:
     """The scales a model is sampled at: `ev.guidance_scales` for a student trained over a range
-    of scales and for a teacher trained with label dropout (classifier-free guidance), else 1."""
-    guided = (objective.sampler == "consistency" and getattr(objective, "guided", False)) or (
-        objective.sampler == "ode" and objective.model_cfg.num_classes > 0
-        and objective.cfg.get("label_dropout", 0.0) > 0)
+    of scales with the scale as its input and for a teacher trained with label dropout
+    (classifier-free guidance), else 1 (a student distilled at one fixed scale has it built in:
+    sampling it with CFG on top would guide twice)."""
+    model = objective.model_cfg
+    if objective.sampler == "consistency":
+        g = objective.cfg.guidance
+        guided = (getattr(objective, "guided", False) and model.guidance_input
+                  and g.scale_min != g.scale_max)
+    else:
+        guided = model.num_classes > 0 and objective.cfg.get("label_dropout", 0.0) > 0
     return tuple(float(s) for s in ev.guidance_scales) if guided else (1.0,)
+
+
+def distilled_scale(objective, scale: float) -> float:
+    """The guidance a row's samples carry: the sampling scale, or the one fixed scale a student
+    without the scale input was distilled at."""
+    g = objective.cfg.get("guidance")
+    fixed = g is not None and g.scale_min == g.scale_max and not objective.model_cfg.guidance_input
+    if objective.sampler == "consistency" and fixed:
+        return float(g.scale_min)
+    return scale
 
 
 def plan(objective, ev) -> list:
@@ -111,12 +127,17 @@ def in_loop(config, name: str, objective, mesh, workdir, *, log=print):
     return score
 
 
-def evaluate_all(config, workdir, *, log=print) -> dict:
-    """Evaluates every model with a checkpoint in `workdir`; returns the results dict."""
+def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dict:
+    """Evaluates every model with a checkpoint in `workdir`; returns the results dict.
+
+    stages: the training stages to score (default: those of config.pipeline); scorer: an
+    `evaluators.from_config` scorer to reuse (the studies score many runs with one).
+    """
     primary = files.is_primary()
     say = log if primary else (lambda msg: None)
     ev = config.eval
-    stages = [s for s in config.pipeline if s in configs.training_stages(config)]
+    if stages is None:
+        stages = [s for s in config.pipeline if s in configs.training_stages(config)]
     found = {s: ckpt.has_checkpoint(ckpt.stage_dir(config, s, workdir)) for s in stages}
     if not any(found.values()):
         raise MissingInputError(f"nothing to evaluate: no stage of {tuple(stages)} has a "
@@ -124,7 +145,9 @@ def evaluate_all(config, workdir, *, log=print) -> dict:
     say("=== stage eval ===")
     eval_dir, sample_dir = files.join(workdir, "eval"), files.join(workdir, "samples")
     mesh = sharding.make_mesh(config.mesh)
-    scorer = evaluators.from_config(config, mesh, eval_dir=eval_dir, log=say, primary=primary)
+    if scorer is None:
+        scorer = evaluators.from_config(config, mesh, eval_dir=eval_dir, log=say,
+                                        primary=primary)
     devices = sharding.batch_devices(mesh)
     batch_size = -(-ev.batch_size // devices) * devices   # a whole share for every device
     n = ev.num_samples
@@ -180,7 +203,8 @@ def evaluate_all(config, workdir, *, log=print) -> dict:
                 wants_images=lambda i: ev.save_samples or (i == 0 and ev.grid_samples > 0),
                 log=lambda m, rid=rid: say(f"[eval] {rid}: {m}"))
             rows.append(dict(id=rid, model=name, checkpoint_step=step, nfe=method.nfe,
-                             sampler=_describe(method), guidance=scale, **scores))
+                             sampler=_describe(method),
+                             guidance=distilled_scale(objective, scale), **scores))
             say(f"[eval] {rid}: " + ", ".join(f"{k} {scores[k]:.3f}" for k in
                                               ("fd", "fid", "fd_dinov2") if k in scores)
                 + f" ({time.time() - t0:.0f}s)")

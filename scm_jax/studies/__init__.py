@@ -1,0 +1,11 @@
+"""The paper's claims, tested on digits (one command each, resumable, a JSON table and a PNG):
+
+    python -m scm_jax.studies.continuous_vs_discrete --workdir=DIR   # sCM Fig. 5(c)
+    python -m scm_jax.studies.vsd_vs_scd --workdir=DIR               # Fig. 7, Table 7
+    python -m scm_jax.studies.compute --workdir=DIR                  # quality vs training compute
+    python -m scm_jax.studies.stabilizers --workdir=DIR              # Sec. 4 ablations
+
+Options shared by all (`runner.parse_args`): --config (default experiments/digits.py),
+--size=tiny (seconds-long, what the tests run), --teacher_workdir=DIR (reuse the teacher of a
+digits run instead of training one), --only=RUN,RUN, --set=key=value (an override of every run).
+"""

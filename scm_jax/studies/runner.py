@@ -1,0 +1,307 @@
+"""What every study shares: one command line, shared teachers, runs that resume, one JSON.
+
+A study is a list of `Run`s (a training stage of the experiment config with overrides, started
+from one of the study's teachers) and a plot. `run_study` trains each run in
+`<workdir>/runs/<run id>/`, scores its EMA with the experiment's evaluation (the digits
+classifier's FD, precision and recall; one scorer for every run), reads its training curves from
+`metrics.jsonl`, and rewrites `<workdir>/<study>.json` after every run, so an interrupted study
+re-run with the same command skips the finished runs and resumes the unfinished one from its
+last checkpoint. A run whose training diverges (the non-finite guard stops it,
+`train.TrainingDiverged`) is recorded as diverged with the step and the message, and the study
+goes on. The plot is redrawn from the JSON at the end (`<workdir>/<study>.png`).
+
+Teachers: the study's default teacher is trained once in `<workdir>/teachers/base/` (or taken
+from an existing run of the experiment, `--teacher_workdir=DIR`, its `DIR/teacher`); a study
+that changes the architecture names other teachers (`Study.teachers`: id -> overrides), each
+trained once with those overrides.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+CURVES = ("loss", "raw_loss", "tangent_norm", "grad_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of a study: `stage` of the experiment config with `overrides`
+    ('key=value', as --config.key=value) from teacher `teacher`, scored by evaluation with
+    `eval_overrides` (e.g. guidance scales). `label` names it in tables and plots; `group`
+    and `x` place it in the plot."""
+
+    id: str
+    stage: str
+    overrides: tuple = ()
+    teacher: str = "base"
+    eval_overrides: tuple = ()
+    label: str = ""
+    group: str = ""
+    x: float = 0.0
+    directory: str = ""   # '' = the id; runs sharing one extend it in order (longer each time)
+
+
+@dataclasses.dataclass
+class Study:
+    """name; runs(size, config) -> [Run]; plot(results, path); the teachers the runs name
+    (id -> overrides; 'base' is the experiment's own), each scored with the evaluation
+    overrides teacher_eval_overrides(size)."""
+
+    name: str
+    description: str
+    runs: Callable
+    plot: Callable
+    teachers: dict = dataclasses.field(default_factory=lambda: {"base": ()})
+    teacher_eval_overrides: Callable = lambda size: ()
+
+
+def parse_args(argv, study: Study) -> dict:
+    """--workdir=DIR [--config=experiments/digits.py] [--size=full|tiny]
+    [--teacher_workdir=DIR] [--only=id,id] [--set=key=value ...] (overrides of every run)."""
+    args = dict(workdir=None, config="experiments/digits.py", size="full", teacher_workdir=None,
+                only="", set=[])
+    for arg in argv:
+        key, sep, value = arg.lstrip("-").partition("=")
+        if key not in args or not sep or not arg.startswith("--"):
+            raise SystemExit(f"error: unknown argument {arg!r}; usage: python -m "
+                             f"scm_jax.studies.{study.name} --workdir=DIR "
+                             f"[--config=experiments/digits.py] [--size=full|tiny] "
+                             f"[--teacher_workdir=DIR] [--only=RUN,RUN] [--set=key=value]")
+        if key == "set":
+            args["set"].append(value)
+        else:
+            args[key] = value
+    if not args["workdir"]:
+        raise SystemExit("error: --workdir=DIR is required")
+    if args["size"] not in ("full", "tiny"):
+        raise SystemExit(f"error: --size={args['size']!r}; expected 'full' or 'tiny'")
+    return args
+
+
+def main(study: Study, argv=None) -> dict:
+    """The command: parses argv (default sys.argv[1:]), runs the study, exits 2 on a known
+    error with a one-line message."""
+    from scm_jax.errors import UserError
+
+    args = parse_args(sys.argv[1:] if argv is None else argv, study)
+    try:
+        return run_study(study, **args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def load_config(spec: str, size: str, overrides=()):
+    """The experiment config at the study's size ('tiny': the seconds-long variant)."""
+    from scm_jax import configs
+
+    if size == "tiny":
+        spec = spec if ":" in spec else f"{spec}:variant=tiny"
+    config = configs.load(spec, list(overrides))
+    configs.validate(config)
+    return config
+
+
+def run_study(study: Study, *, workdir, config="experiments/digits.py", size="full",
+              teacher_workdir=None, only="", set=(), log=print) -> dict:
+    """Runs (or resumes) the study; returns its results dict (also in <workdir>/<name>.json)."""
+    from scm_jax import evaluate, files, sharding, train
+    from scm_jax.evaluation import evaluators
+
+    spec, common = config, tuple(set)
+    base = load_config(spec, size, common)
+    if base.data.name != "digits":
+        from scm_jax.errors import ConfigError
+        raise ConfigError(f"the studies run on the digits experiment (scored by its classifier); "
+                          f"got data.name={base.data.name!r}")
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f"{study.name}.json")
+    results = dict(study=study.name, description=study.description, config=spec, size=size,
+                   overrides=list(common), teachers={}, runs={})
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if (previous.get("config"), previous.get("size"), previous.get("overrides")) == (
+                spec, size, list(common)):
+            results = previous
+        else:
+            log(f"[study] {path} belongs to another command ({previous.get('config')}, "
+                f"{previous.get('size')}, {previous.get('overrides')}): starting over beside it")
+            os.replace(path, path + ".old")
+
+    def save():
+        files.write_json(path, results)
+
+    runs = study.runs(size, base)
+    unknown = sorted(set(filter(None, only.split(","))) - {r.id for r in runs})
+    if unknown:
+        from scm_jax.errors import ConfigError
+        raise ConfigError(f"--only names unknown runs {unknown}; this study's runs at size "
+                          f"{size!r}: {', '.join(r.id for r in runs)}")
+    wanted = [r for r in runs if not only or r.id in only.split(",")]
+    mesh = sharding.make_mesh(base.mesh)
+    scorer = evaluators.from_config(base, mesh, eval_dir=files.join(workdir, "eval"), log=log)
+    teacher_dirs = {}
+    for tid in sorted({r.teacher for r in wanted} | ({"base"} if "base" in study.teachers
+                                                     else set())):
+        teacher_dirs[tid] = _teacher(study, tid, base, spec, size, common, workdir,
+                                     teacher_workdir, results, scorer, save, log)
+    t_start = time.time()
+    for i, run in enumerate(wanted):
+        done = results["runs"].get(run.id)
+        steps = _steps(run, base)
+        if done and done.get("status") in ("done", "diverged") and done.get("steps") == steps:
+            continue
+        log(f"[study] run {i + 1}/{len(wanted)}: {run.id} ({run.stage}, "
+            f"{' '.join(run.overrides) or 'as configured'})")
+        cfg = load_config(spec, size, common + tuple(run.overrides) + tuple(run.eval_overrides))
+        cfg.teacher.checkpoint_dir = teacher_dirs[run.teacher]
+        run_dir = os.path.join(workdir, "runs", run.directory or run.id)
+        stage_dir = os.path.join(run_dir, run.stage)
+        _check_not_past(stage_dir, steps, run)
+        entry = dict(stage=run.stage, overrides=list(run.overrides), teacher=run.teacher,
+                     label=run.label or run.id, group=run.group, x=run.x, steps=steps)
+        t0 = time.time()
+        try:
+            train.train_stage(cfg, run.stage, run_dir, log=log)
+            entry["status"] = "done"
+        except train.TrainingDiverged as e:
+            entry.update(status="diverged", message=str(e))
+            log(f"[study] {run.id}: diverged: {e}")
+        entry["seconds"] = time.time() - t0
+        entry["curves"] = read_curves(os.path.join(stage_dir, "metrics.jsonl"))
+        entry["rows"] = []
+        if entry["status"] == "done":
+            cfg[run.stage].checkpoint_dir = stage_dir   # scored from the run's checkpoints
+            scores = evaluate.evaluate_all(cfg, os.path.join(run_dir, f"eval_at_{steps}"),
+                                           stages=(run.stage,), scorer=scorer, log=log)
+            entry["rows"] = [_row(r) for r in scores["rows"] if r.get("id") != "data"]
+        entry["seconds"] = time.time() - t0
+        results["runs"][run.id] = entry
+        save()
+    results["wall_seconds_last_invocation"] = time.time() - t_start
+    save()
+    png = os.path.join(workdir, f"{study.name}.png")
+    study.plot(results, png)
+    log(f"[study] {study.name}: {path}, {png}")
+    return results
+
+
+def _steps(run: Run, config) -> int:
+    for item in run.overrides:
+        key, _, value = item.partition("=")
+        if key == f"{run.stage}.steps":
+            return int(float(value))
+    return int(config[run.stage].steps)
+
+
+def _check_not_past(stage_dir: str, steps: int, run: Run) -> None:
+    """A run extended to `steps` must not already hold a later checkpoint (its score would be
+    the later one's)."""
+    from scm_jax import checkpoint as ckpt
+    from scm_jax.errors import ConfigError
+
+    if ckpt.has_checkpoint(stage_dir):
+        latest = ckpt.CheckpointStore(stage_dir).latest_step()
+        if latest is not None and latest > steps:
+            raise ConfigError(f"run {run.id}: {stage_dir} already holds step {latest} > "
+                              f"{run.stage}.steps={steps}; its earlier lengths are scored in "
+                              f"order (remove the folder to redo it)")
+
+
+def _row(r: dict) -> dict:
+    keep = ("id", "nfe", "guidance", "fd", "fd_small", "accuracy", "precision", "recall",
+            "checkpoint_step")
+    return {k: r[k] for k in keep if k in r}
+
+
+def _teacher(study, tid, base, spec, size, common, workdir, teacher_workdir, results, scorer,
+             save, log) -> str:
+    """The checkpoint folder of teacher `tid`, trained (or resumed) here unless it is 'base'
+    with --teacher_workdir; scored once when the study asks."""
+    from scm_jax import evaluate, train
+
+    overrides = tuple(study.teachers.get(tid, ()))
+    if tid == "base" and teacher_workdir:
+        directory = os.path.join(teacher_workdir, "teacher")
+        if not os.path.isdir(directory):
+            from scm_jax.errors import MissingInputError
+            raise MissingInputError(f"--teacher_workdir={teacher_workdir} has no teacher/ "
+                                    f"folder (train one with stage=teacher)")
+        run_dir = teacher_workdir
+    else:
+        run_dir = os.path.join(workdir, "teachers", tid)
+        directory = os.path.join(run_dir, "teacher")
+    evaluation = tuple(study.teacher_eval_overrides(size))
+    cfg = load_config(spec, size, common + overrides + evaluation)
+    record = results["teachers"].get(tid, {})
+    if record.get("status") != "done":
+        log(f"[study] teacher {tid} ({' '.join(overrides) or 'the experiment config'})")
+        t0 = time.time()
+        if not (tid == "base" and teacher_workdir):
+            train.train_stage(cfg, "teacher", run_dir, log=log)
+        cfg.teacher.checkpoint_dir = directory
+        scores = evaluate.evaluate_all(cfg, os.path.join(workdir, "teachers", f"{tid}_eval"),
+                                       stages=("teacher",), scorer=scorer, log=log)
+        record = dict(status="done", overrides=list(overrides), directory=directory,
+                      train_seconds=time.time() - t0,
+                      curves=read_curves(os.path.join(directory, "metrics.jsonl")),
+                      rows=[_row(r) for r in scores["rows"] if r.get("id") != "data"])
+        results["teachers"][tid] = record
+        save()
+    return directory
+
+
+def read_curves(path: str) -> dict:
+    """{'step': [...], name: [...]} from a stage's metrics.jsonl (the training rows; missing
+    values and non-finite ones (written as null) become NaN)."""
+    out = {"step": [], "steps_per_sec": []}
+    out.update({k: [] for k in CURVES})
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if "step" not in row or not any(k in row for k in CURVES):
+                continue
+            out["step"].append(row["step"])
+            for k in CURVES + ("steps_per_sec",):
+                v = row.get(k)
+                out[k].append(float("nan") if v is None or isinstance(v, str) else float(v))
+    return out
+
+
+# --- Helpers the studies' tables and plots share ----------------------------------------------
+def best_row(entry: dict, nfe: int, guidance: float = 1.0):
+    """The row of a run (or a teacher) at `nfe` and `guidance`, or None."""
+    for r in entry.get("rows", []):
+        if r.get("nfe") == nfe and abs(r.get("guidance", 1.0) - guidance) < 1e-9:
+            return r
+    return None
+
+
+def teacher_row(results: dict, tid: str = "base", guidance: float = 1.0):
+    """The teacher's row at its longest solver length (the reference of the ratios)."""
+    rows = [r for r in results["teachers"].get(tid, {}).get("rows", [])
+            if abs(r.get("guidance", 1.0) - guidance) < 1e-9]
+    return max(rows, key=lambda r: r["nfe"]) if rows else None
+
+
+def median_rate(curves: dict) -> float:
+    """Median steps/s of a stage's log rows (the first row, a warm-up, has none)."""
+    rates = [r for r in curves.get("steps_per_sec", []) if np.isfinite(r) and r > 0]
+    return float(np.median(rates)) if rates else float("nan")
+
+
+def figure(ncols: int, width: float = 4.2, height: float = 3.4):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return plt, fig, axes[0]

@@ -1,0 +1,107 @@
+"""The studies (scm_jax/studies) at their tiny size: every run trains, is scored and lands in the
+JSON table, the plot is written, a re-run trains nothing, and a diverging run is recorded, not
+raised. One tiny teacher serves every study (--teacher_workdir)."""
+import json
+import os
+
+import pytest
+
+from scm_jax import train
+from scm_jax.studies import compute, continuous_vs_discrete, runner, stabilizers, vsd_vs_scd
+from tests.helpers import load_experiment
+
+
+@pytest.fixture(scope="module")
+def teacher_workdir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("study_teacher"))
+    train.train_stage(load_experiment("digits", "variant=tiny"), "teacher", workdir,
+                      log=lambda m: None)
+    return workdir
+
+
+def _run(study, tmp_path, teacher_workdir, **kw):
+    lines = []
+    results = runner.run_study(study.STUDY, workdir=str(tmp_path), size="tiny",
+                               teacher_workdir=teacher_workdir, set=("eval.teacher_steps=2",),
+                               log=lambda m: lines.append(str(m)), **kw)
+    saved = json.loads((tmp_path / f"{study.STUDY.name}.json").read_text())
+    assert saved["runs"].keys() == results["runs"].keys()
+    assert (tmp_path / f"{study.STUDY.name}.png").stat().st_size > 5000
+    return results, lines
+
+
+def _scored(entry, nfes=(1, 2)):
+    assert entry["status"] == "done", entry
+    assert sorted(r["nfe"] for r in entry["rows"]) == sorted(nfes), entry["rows"]
+    assert all(r["fd"] > 0 and 0 <= r["precision"] <= 1 for r in entry["rows"])
+    assert len(entry["curves"]["step"]) > 0 and entry["curves"]["loss"]
+
+
+def test_continuous_vs_discrete(tmp_path, teacher_workdir):
+    results, _ = _run(continuous_vs_discrete, tmp_path, teacher_workdir)
+    assert set(results["runs"]) == {"scd", "dscd_N16"}
+    for entry in results["runs"].values():
+        _scored(entry)
+    assert results["runs"]["dscd_N16"]["overrides"][-1] == "dscd.loss.num_points=16"
+    assert runner.teacher_row(results)["fd"] > 0
+    # Done runs are not trained again.
+    _, lines = _run(continuous_vs_discrete, tmp_path, teacher_workdir)
+    assert not any(line.startswith("[study] run") for line in lines), lines
+
+
+def test_vsd_vs_scd_scores_each_method_at_its_guidance(tmp_path, teacher_workdir):
+    # aVSD alone and sCD + aVSD (the sCD runs are the other studies' machinery).
+    results, _ = _run(vsd_vs_scd, tmp_path, teacher_workdir, only="vsd_g1.5,scd_vsd_g1.5")
+    assert set(results["runs"]) == {"vsd_g1.5", "scd_vsd_g1.5"}
+    for entry in results["runs"].values():
+        _scored(entry)
+        # Distilled at 1.5, sampled without more guidance: the row says 1.5.
+        assert {r["guidance"] for r in entry["rows"]} == {1.5}
+    teacher = results["teachers"]["base"]["rows"]
+    assert {r["guidance"] for r in teacher} == {1.5}
+
+
+def test_compute_extends_each_run_and_measures_its_cost(tmp_path, teacher_workdir):
+    results, _ = _run(compute, tmp_path, teacher_workdir)
+    assert set(results["runs"]) == {"scd_4", "scd_8"}
+    for rid, entry in results["runs"].items():
+        _scored(entry)
+        assert {r["checkpoint_step"] for r in entry["rows"]} == {entry["steps"]}
+    fractions = compute.fractions(results)
+    assert 0 < fractions["scd_4"] < fractions["scd_8"]
+    # Both lengths are one run, extended.
+    assert sorted(os.listdir(tmp_path / "runs")) == ["scd"]
+
+
+def test_stabilizers_each_switch_trains_or_is_reported_diverged(tmp_path, teacher_workdir,
+                                                                  monkeypatch):
+    # Beside the tiny size's one switch, a diverging run (a huge learning rate trips the
+    # non-finite guard) is recorded and the study goes on.
+    original = stabilizers.runs
+
+    def with_a_diverging_one(size, config):
+        out = original(size, config)
+        return out + [runner.Run("sct_lr_huge", "sct", ("sct.optimizer.lr=1e6",
+                                                        "sct.nonfinite.max_consecutive=1"),
+                                 label="sCT: lr 1e6", group="sct")]
+
+    monkeypatch.setattr(stabilizers.STUDY, "runs", with_a_diverging_one)
+    results, _ = _run(stabilizers, tmp_path, teacher_workdir)
+    assert set(results["runs"]) == {"sct_adagn", "sct_lr_huge"}
+    _scored(results["runs"]["sct_adagn"])
+    assert results["teachers"]["adagn"]["overrides"] == ["model.modulation=adagn"]
+    assert results["runs"]["sct_adagn"]["teacher"] == "adagn"
+    huge = results["runs"]["sct_lr_huge"]
+    assert huge["status"] == "diverged" and "non-finite" in huge["message"] and not huge["rows"]
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="unknown argument '--wordir"):
+        runner.main(compute.STUDY, [f"--wordir={tmp_path}"])
+    with pytest.raises(SystemExit, match="--workdir=DIR is required"):
+        runner.main(compute.STUDY, [])
+    with pytest.raises(SystemExit, match="2"):
+        runner.main(compute.STUDY, [f"--workdir={tmp_path}", "--size=tiny",
+                                    f"--teacher_workdir={tmp_path / 'nowhere'}"])
+    with pytest.raises(Exception, match="unknown runs"):
+        runner.run_study(compute.STUDY, workdir=str(tmp_path), size="tiny", only="scd_9")
