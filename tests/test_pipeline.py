@@ -3,6 +3,7 @@ notebook top to bottom (its seconds-long SCM_QUICK version), then checked here. 
 through the same loop in tests/test_train.py.)"""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +18,9 @@ def _execute_notebook(workdir, monkeypatch):
     monkeypatch.setenv("SCM_QUICK", "1")
     monkeypatch.setenv("SCM_WORKDIR", str(workdir))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # The kernel spec starts `python` from PATH: make it this interpreter (the one with the
+    # package installed), whatever else PATH or pyenv would pick.
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     notebook = nbformat.read(os.path.join(REPO, "notebooks", "quickstart.ipynb"), as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=900, kernel_name="python3",

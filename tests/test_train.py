@@ -81,11 +81,12 @@ def _tree_digest(directory):
 
 
 def test_killed_run_resumes_to_the_same_parameters(teacher_dir, tmp_path, monkeypatch):
-    # sCD + aVSD: the stage with the most state (five networks, three optimizers, an EMA, the
-    # teacher's parameters as an input); every stage runs the same loop.
-    config = tiny_config(**{"mesh.data": 1, "scd_vsd.steps": 5, "scd_vsd.checkpoint_every": 2})
+    # aVSD: the stage with the most state (five networks, three optimizers, an EMA, the
+    # teacher's parameters as an input; sCD + aVSD has the same state); every stage runs the
+    # same loop.
+    config = tiny_config(**{"mesh.data": 1, "vsd.steps": 5, "vsd.checkpoint_every": 2})
     config.teacher.checkpoint_dir = teacher_dir
-    straight = train.train_stage(config, "scd_vsd", str(tmp_path / "straight"), log=_quiet)
+    straight = train.train_stage(config, "vsd", str(tmp_path / "straight"), log=_quiet)
     assert set(straight.nets) == {"net", "weight", "fake", "fake_weight", "vsd_weight"}
 
     original = train.MetricLogger.write
@@ -98,11 +99,11 @@ def test_killed_run_resumes_to_the_same_parameters(teacher_dir, tmp_path, monkey
 
     monkeypatch.setattr(train.MetricLogger, "write", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train.train_stage(config, "scd_vsd", str(tmp_path / "killed"), log=_quiet)
+        train.train_stage(config, "vsd", str(tmp_path / "killed"), log=_quiet)
     monkeypatch.setattr(train.MetricLogger, "write", original)
-    assert ckpt.CheckpointStore(str(tmp_path / "killed" / "scd_vsd")).latest_step() == 2
+    assert ckpt.CheckpointStore(str(tmp_path / "killed" / "vsd")).latest_step() == 2
     lines = []
-    resumed = train.train_stage(config, "scd_vsd", str(tmp_path / "killed"), log=lines.append)
+    resumed = train.train_stage(config, "vsd", str(tmp_path / "killed"), log=lines.append)
     assert any("resumed from step 2" in line for line in lines), lines
     assert int(resumed.step) == 5
     for a, b in zip(_params(straight), _params(resumed)):
@@ -113,7 +114,7 @@ def test_killed_run_resumes_to_the_same_parameters(teacher_dir, tmp_path, monkey
     # metrics.jsonl holds every step once: the interrupted run's rows after step 2 are gone.
     import json
 
-    rows = (tmp_path / "killed" / "scd_vsd" / "metrics.jsonl").read_text().splitlines()
+    rows = (tmp_path / "killed" / "vsd" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5]
     # Both networks that start from the teacher's EMA did (sCM App. G.2; the fake score's
     # start is our choice): the fake score moved from it by a few Adam steps only.

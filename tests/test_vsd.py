@@ -114,17 +114,23 @@ def test_scd_plus_vsd_at_lambda_zero_is_scd_and_the_fake_loss_is_the_diffusion_l
     # The fake score's term is the package's diffusion loss (objective 'diffusion', the same
     # proposal, no label dropout) of F_phi on the generator's samples, with the same draws.
     params = jax.tree.map(jnp.asarray, {n: net.params for n, net in s_vsd.nets.items()})
-    rng = Randomness.for_batch(jax.random.fold_in(s_vsd.rng, 0), 16)
-    targets = vsd.targets(rng, batch, params, 0, teacher_obj, teacher_params)
-    _, metrics = vsd.loss(params, targets)
-    samples = vsd.generate(params["net"], targets.latent, targets.cond, rng.dropout_key)
     v = config.scd_vsd.vsd
     diff_config = _config(f"teacher.loss.p_mean={v.fake_p_mean}",
                           f"teacher.loss.p_std={v.fake_p_std}", "teacher.label_dropout=0.0",
                           "teacher.dropout=0.0")
     diffusion = objectives.build(diff_config, "teacher")
-    d_targets = diffusion.targets(rng.substream(FAKE_SCORE), dict(batch, image=samples),
-                                  {"net": params["fake"]}, 0, None, None)
-    d_loss, _ = diffusion.loss({"net": params["fake"], "weight": params["fake_weight"]},
-                               d_targets)
+
+    @jax.jit
+    def both(params, batch, teacher_params):
+        rng = Randomness.for_batch(jax.random.fold_in(s_vsd.rng, 0), 16)
+        targets = vsd.targets(rng, batch, params, 0, teacher_obj, teacher_params)
+        _, metrics = vsd.loss(params, targets)
+        samples = vsd.generate(params["net"], targets.latent, targets.cond, rng.dropout_key)
+        d_targets = diffusion.targets(rng.substream(FAKE_SCORE), dict(batch, image=samples),
+                                      {"net": params["fake"]}, 0, None, None)
+        d_loss, _ = diffusion.loss({"net": params["fake"], "weight": params["fake_weight"]},
+                                   d_targets)
+        return metrics, d_loss
+
+    metrics, d_loss = both(params, batch, teacher_params)
     np.testing.assert_allclose(float(metrics["fake_loss"]), float(d_loss), rtol=1e-6)

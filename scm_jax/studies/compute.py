@@ -1,17 +1,20 @@
 """Quality against training compute (sCM Sec. 5, Fig. 6): 1- and 2-step FD of sCD and sCT after
 several training lengths, against their training compute as a fraction of the teacher's.
 
-Compute = steps x seconds per step, both measured here: each run's median steps/s from its
-metrics.jsonl, the teacher's from its own (so the fraction is a time ratio on this machine, the
-step cost ratio of sCT / sCD to a diffusion step included; it moves with machine load). Each
-method trains one run extended in order to the next length (the schedules here depend only on
-the step, so a run extended to N steps is a run of N steps).
+Compute = steps x seconds per step relative to the teacher's: the teacher, sCD and sCT steps are
+compiled and timed back to back in one process after the runs (`measure_step_costs`: a ratio
+measured under one machine load, with the FLOP ratio beside it), so the fraction is
+steps x (step time / teacher step time) / teacher steps. Each method trains one run extended
+in order to the next length (the schedules here depend only on the step, so a run extended to
+N steps is a run of N steps).
 
 The paper: 2-step sCD reaches the teacher's quality with under 20% of the teacher's training
 compute, and sCT is more compute-efficient than sCD at small resolutions.
 
     python -m scm_jax.studies.compute --workdir=/tmp/study_compute
 """
+import time
+
 import numpy as np
 
 from scm_jax.studies import runner
@@ -33,15 +36,57 @@ def runs(size, config):
     return out
 
 
+def measure_step_costs(results, config, log=print, calls: int = 10) -> None:
+    """results['step_cost'] = {stage: {seconds, flops, time_ratio, flops_ratio}} for the teacher,
+    sCD and sCT steps of `config`: each compiled and timed back to back in this process (median
+    of `calls` calls from one state, after a warm-up call), so the ratios to the teacher's step
+    share the machine's load; FLOPs from XLA's cost analysis. Measured once per study."""
+    import jax
+
+    from scm_jax import objectives
+    from scm_jax.data import build_train_batches
+
+    if "step_cost" in results:
+        return
+    batches = build_train_batches(config.data, batch_size=config.teacher.batch_size, seed=0)
+    batch = {k: jax.numpy.asarray(v) for k, v in next(batches).items()}
+    shape = batch["image"].shape[1:]
+    teacher_objective = objectives.build(config, "teacher")
+    teacher = objectives.Teacher(teacher_objective)
+    teacher_ema = teacher_objective.init_state(jax.random.PRNGKey(0), shape).nets["net"].ema
+    rows = {}
+    for name in ("teacher",) + tuple(BUDGETS):
+        objective = objectives.build(config, name)
+        state = objective.init_state(jax.random.PRNGKey(1), shape)
+        tparams = teacher_ema if objective.distills else None
+        step = jax.jit(objective.make_step(teacher if objective.distills else None))
+        compiled = step.lower(state, batch, tparams).compile()
+        jax.block_until_ready(compiled(state, batch, tparams))
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(state, batch, tparams))
+            times.append(time.perf_counter() - t0)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        rows[name] = dict(seconds=float(np.median(times)), flops=float(cost.get("flops", np.nan)))
+    for r in rows.values():
+        r.update(time_ratio=r["seconds"] / rows["teacher"]["seconds"],
+                 flops_ratio=r["flops"] / rows["teacher"]["flops"])
+    results["step_cost"] = rows
+    results["teacher_steps"] = int(config.teacher.steps)
+    log("[study] step cost / teacher's: " + ", ".join(
+        f"{n} {r['time_ratio']:.2f}x time, {r['flops_ratio']:.2f}x FLOPs" for n, r in rows.items()))
+
+
 def fractions(results) -> dict:
-    """run id -> training compute / the teacher's (steps x seconds per step, both medians)."""
-    teacher = results["teachers"].get("base", {})
-    t_rate = runner.median_rate(teacher.get("curves", {}))
-    t_steps = max(teacher.get("curves", {}).get("step", [0]) or [0])
+    """run id -> training compute / the teacher's: steps x the step's time ratio to the
+    teacher's step (`measure_step_costs`) / the teacher's steps."""
+    cost, t_steps = results.get("step_cost", {}), results.get("teacher_steps")
     out = {}
     for rid, e in results["runs"].items():
-        rate = runner.median_rate(e.get("curves", {}))
-        out[rid] = (e["steps"] / rate) / (t_steps / t_rate) if t_steps and rate > 0 else np.nan
+        ratio = cost.get(e["stage"], {}).get("time_ratio", np.nan)
+        out[rid] = e["steps"] * ratio / t_steps if t_steps else np.nan
     return out
 
 
@@ -69,7 +114,8 @@ def plot(results, path):
     plt.close(fig)
 
 
-STUDY = runner.Study("compute", __doc__.split("\n\n")[0], runs, plot)
+STUDY = runner.Study("compute", __doc__.split("\n\n")[0], runs, plot,
+                     finish=measure_step_costs)
 
 if __name__ == "__main__":
     runner.main(STUDY)

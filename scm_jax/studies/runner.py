@@ -49,7 +49,8 @@ class Run:
 class Study:
     """name; runs(size, config) -> [Run]; plot(results, path); the teachers the runs name
     (id -> overrides; 'base' is the experiment's own), each scored with the evaluation
-    overrides teacher_eval_overrides(size)."""
+    overrides teacher_eval_overrides(size); finish, when given, adds to the results after the
+    runs (before the plot)."""
 
     name: str
     description: str
@@ -57,22 +58,23 @@ class Study:
     plot: Callable
     teachers: dict = dataclasses.field(default_factory=lambda: {"base": ()})
     teacher_eval_overrides: Callable = lambda size: ()
+    finish: Callable | None = None   # finish(results, config, log): extra measurements, once
 
 
 def parse_args(argv, study: Study) -> dict:
     """--workdir=DIR [--config=experiments/digits.py] [--size=full|tiny]
     [--teacher_workdir=DIR] [--only=id,id] [--set=key=value ...] (overrides of every run)."""
     args = dict(workdir=None, config="experiments/digits.py", size="full", teacher_workdir=None,
-                only="", set=[])
+                only="", overrides=[])
     for arg in argv:
         key, sep, value = arg.lstrip("-").partition("=")
-        if key not in args or not sep or not arg.startswith("--"):
+        if key not in set(args) - {"overrides"} | {"set"} or not sep or not arg.startswith("--"):
             raise SystemExit(f"error: unknown argument {arg!r}; usage: python -m "
                              f"scm_jax.studies.{study.name} --workdir=DIR "
                              f"[--config=experiments/digits.py] [--size=full|tiny] "
                              f"[--teacher_workdir=DIR] [--only=RUN,RUN] [--set=key=value]")
         if key == "set":
-            args["set"].append(value)
+            args["overrides"].append(value)
         else:
             args[key] = value
     if not args["workdir"]:
@@ -107,12 +109,12 @@ def load_config(spec: str, size: str, overrides=()):
 
 
 def run_study(study: Study, *, workdir, config="experiments/digits.py", size="full",
-              teacher_workdir=None, only="", set=(), log=print) -> dict:
+              teacher_workdir=None, only="", overrides=(), log=print) -> dict:
     """Runs (or resumes) the study; returns its results dict (also in <workdir>/<name>.json)."""
     from scm_jax import evaluate, files, sharding, train
     from scm_jax.evaluation import evaluators
 
-    spec, common = config, tuple(set)
+    spec, common = config, tuple(overrides)
     base = load_config(spec, size, common)
     if base.data.name != "digits":
         from scm_jax.errors import ConfigError
@@ -183,6 +185,8 @@ def run_study(study: Study, *, workdir, config="experiments/digits.py", size="fu
         entry["seconds"] = time.time() - t0
         results["runs"][run.id] = entry
         save()
+    if study.finish is not None:
+        study.finish(results, base, log)
     results["wall_seconds_last_invocation"] = time.time() - t_start
     save()
     png = os.path.join(workdir, f"{study.name}.png")
@@ -289,12 +293,6 @@ def teacher_row(results: dict, tid: str = "base", guidance: float = 1.0):
     rows = [r for r in results["teachers"].get(tid, {}).get("rows", [])
             if abs(r.get("guidance", 1.0) - guidance) < 1e-9]
     return max(rows, key=lambda r: r["nfe"]) if rows else None
-
-
-def median_rate(curves: dict) -> float:
-    """Median steps/s of a stage's log rows (the first row, a warm-up, has none)."""
-    rates = [r for r in curves.get("steps_per_sec", []) if np.isfinite(r) and r > 0]
-    return float(np.median(rates)) if rates else float("nan")
 
 
 def figure(ncols: int, width: float = 4.2, height: float = 3.4):
