@@ -1,10 +1,11 @@
 """Quality against training compute (sCM Sec. 5, Fig. 6): 1- and 2-step FD of sCD and sCT after
 several training lengths, against their training compute as a fraction of the teacher's.
 
-Compute = steps x seconds per step relative to the teacher's: the teacher, sCD and sCT steps are
-compiled and timed back to back in one process after the runs (`measure_step_costs`: a ratio
-measured under one machine load, with the FLOP ratio beside it), so the fraction is
-steps x (step time / teacher step time) / teacher steps. Each method trains one run extended
+Compute = steps x the step's cost relative to the teacher's step: the teacher, sCD and sCT steps
+are compiled in one process after the runs (`measure_step_costs`) and their FLOPs per step
+taken from XLA's cost analysis (deterministic), so the fraction is
+steps x (step FLOPs / teacher step FLOPs) / teacher steps; their times, timed back to back, are
+recorded beside (on a shared 2-core machine they are too noisy to be the measure). Each method trains one run extended
 in order to the next length (the schedules here depend only on the step, so a run extended to
 N steps is a run of N steps).
 
@@ -79,13 +80,14 @@ def measure_step_costs(results, config, log=print, calls: int = 10) -> None:
         f"{n} {r['time_ratio']:.2f}x time, {r['flops_ratio']:.2f}x FLOPs" for n, r in rows.items()))
 
 
-def fractions(results) -> dict:
-    """run id -> training compute / the teacher's: steps x the step's time ratio to the
-    teacher's step (`measure_step_costs`) / the teacher's steps."""
+def fractions(results, measure: str = "flops_ratio") -> dict:
+    """run id -> training compute / the teacher's: steps x the step's cost ratio to the
+    teacher's step (`measure_step_costs`; 'flops_ratio' or 'time_ratio') / the teacher's
+    steps."""
     cost, t_steps = results.get("step_cost", {}), results.get("teacher_steps")
     out = {}
     for rid, e in results["runs"].items():
-        ratio = cost.get(e["stage"], {}).get("time_ratio", np.nan)
+        ratio = cost.get(e["stage"], {}).get(measure, np.nan)
         out[rid] = e["steps"] * ratio / t_steps if t_steps else np.nan
     return out
 
@@ -102,16 +104,15 @@ def plot(results, path):
                          and np.isfinite(frac[rid]))
             if pts:
                 ax.plot(*zip(*pts), "o-", color=f"C{i}", label=LABELS[stage])
-        if teacher:
-            ax.axhline(teacher["fd"], color="gray", ls=":", label=f"teacher (NFE {teacher['nfe']})")
+        runner.teacher_line(ax, teacher)
         ax.axvline(0.2, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log")
-        ax.set(xlabel="training compute / teacher's", ylabel="FD (digits classifier)",
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set(xlabel="training FLOPs / the teacher's", ylabel="FD (digits classifier)",
                title=f"{nfe}-step")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    runner.save_figure(plt, fig, path)
 
 
 STUDY = runner.Study("compute", __doc__.split("\n\n")[0], runs, plot,

@@ -39,15 +39,12 @@ def plot(results, path):
         scd = results["runs"].get("scd")
         if scd and runner.best_row(scd, nfe):
             ax.axhline(runner.best_row(scd, nfe)["fd"], color="C1", ls="--", label="sCD")
-        if teacher:
-            ax.axhline(teacher["fd"], color="gray", ls=":", label=f"teacher (NFE {teacher['nfe']})")
+        runner.teacher_line(ax, teacher)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="N (discretization steps)", ylabel="FD (digits classifier)",
                title=f"{nfe}-step")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    runner.save_figure(plt, fig, path)
 
 
 STUDY = runner.Study("continuous_vs_discrete", __doc__.split("\n\n")[0], runs, plot)

@@ -303,3 +303,15 @@ def figure(ncols: int, width: float = 4.2, height: float = 3.4):
 
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
     return plt, fig, axes[0]
+
+
+def teacher_line(ax, teacher) -> None:
+    """The teacher's FD as a horizontal line (a row from `teacher_row`, or None)."""
+    if teacher:
+        ax.axhline(teacher["fd"], color="gray", ls=":", label=f"teacher (NFE {teacher['nfe']})")
+
+
+def save_figure(plt, fig, path, dpi: int = 100) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

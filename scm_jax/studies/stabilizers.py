@@ -86,9 +86,7 @@ def plot(results, path):
         ax.set(title=f"{name}: 2-step FD (red: diverged)")
         if entries:
             axes[row][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    runner.save_figure(plt, fig, path, dpi=90)
 
 
 STUDY = runner.Study("stabilizers", __doc__.split("\n\n")[0], runs, plot, teachers=TEACHERS)

@@ -46,8 +46,8 @@ def plot(results, path):
         for nfe, style in ((1, "-"), (2, "--")):
             if stage != "scd" and nfe == 2:
                 continue
-            pts = [(e["x"], runner.best_row(e, nfe)) for e in results["runs"].values()
-                   if e["group"] == stage]
+            pts = [(e["x"], runner.best_row(e, nfe, e["x"])) for e in results["runs"].values()
+                   if e["group"] == stage]   # a student's rows carry its distilled scale
             series.append((stage, [(x, r) for x, r in pts if r], style, f"{label} {nfe}-step"))
     for ax, metric in zip(axes, ("precision", "recall", "fd")):
         for _, pts, style, label in series:
@@ -56,9 +56,7 @@ def plot(results, path):
                 ax.plot(*zip(*pts), style if style != "k" else "k-", marker="o", label=label)
         ax.set(xlabel="guidance scale", ylabel=metric, title=metric)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    runner.save_figure(plt, fig, path)
 
 
 STUDY = runner.Study("vsd_vs_scd", __doc__.split("\n\n")[0], runs, plot,
