@@ -55,11 +55,12 @@ def per_sample_sq_norm(a):
     return jnp.sum(jnp.square(f32(a)), axis=tuple(range(1, a.ndim)))
 
 
-def draw_noisy(rng: Randomness, x0, *, sigma_d, p_mean, p_std):
-    """t from the log-normal proposal, z ~ N(0, sigma_d^2 I), x_t (Alg. 1 lines 1-3)."""
+def draw_noisy(rng: Randomness, x0, *, sigma_d, p_mean, p_std, time_kind=TIME, noise_kind=NOISE):
+    """t from the log-normal proposal, z ~ N(0, sigma_d^2 I), x_t (Alg. 1 lines 1-3), from the
+    streams `time_kind` and `noise_kind` (a second loss on the same samples names its own)."""
     # ln(sigma_d tan t) = tau ~ N(P_mean, P_std^2), in float32.
-    t = trigflow.time_from_sigma(jnp.exp(p_mean + p_std * rng.normal(TIME)), sigma_d)
-    z = sigma_d * rng.normal(NOISE, x0.shape[1:])
+    t = trigflow.time_from_sigma(jnp.exp(p_mean + p_std * rng.normal(time_kind)), sigma_d)
+    z = sigma_d * rng.normal(noise_kind, x0.shape[1:])
     return t, z, trigflow.add_noise(x0.astype(jnp.float32), z, t)
 
 

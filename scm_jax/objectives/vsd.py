@@ -40,9 +40,9 @@ from scm_jax.networks import AdaptiveWeight, bind_apply, build_network
 from scm_jax.objectives.base import Network, check
 from scm_jax.objectives.consistency import extend
 from scm_jax.objectives.diffusion import diffusion_targets
-from scm_jax.objectives.randomness import FAKE_SCORE, VSD_LATENT, VSD_NOISE, VSD_TIME, Randomness
-from scm_jax.objectives.regression import (Targets, bcast, check_proposal, f32, per_sample_sq_norm,
-                                           weighted_regression)
+from scm_jax.objectives.randomness import FAKE_SCORE, VSD_LATENT, VSD_NOISE, VSD_TIME
+from scm_jax.objectives.regression import (Targets, check_proposal, draw_noisy, f32,
+                                           per_sample_sq_norm, weighted_regression)
 from scm_jax.objectives.scm import SCM, scm_targets
 
 
@@ -63,11 +63,6 @@ class VSDTargets:
     direction: jax.Array
     dropout_key: jax.Array
     fake: Targets
-
-
-def log_normal_time(rng: Randomness, kind: int, sigma_d: float, p_mean: float, p_std: float):
-    """[b] times t with ln(sigma_d tan t) ~ N(p_mean, p_std^2), from stream `kind`."""
-    return trigflow.time_from_sigma(jnp.exp(p_mean + p_std * rng.normal(kind)), sigma_d)
 
 
 def avsd_loss(generate, params, latent, direction, w):
@@ -174,8 +169,8 @@ class AdaptiveVSD(SCM):
         latent = sigma_d * rng.normal(VSD_LATENT, shape)
         x0 = self.generate(params["net"], latent, cond, rng.dropout_key)
         # The VSD term at x_t = cos t g + sin t z (F_pre from the guided teacher, F_phi^-).
-        t = log_normal_time(rng, VSD_TIME, sigma_d, v.p_mean, v.p_std)
-        x_t = trigflow.add_noise(x0, sigma_d * rng.normal(VSD_NOISE, shape), t)
+        t, _, x_t = draw_noisy(rng, x0, sigma_d=sigma_d, p_mean=v.p_mean, p_std=v.p_std,
+                               time_kind=VSD_TIME, noise_kind=VSD_NOISE)
         F_pre = velocity(x_t, t, cond) / sigma_d
         F_fake = f32(self.fake_eval(params["fake"], x_t / sigma_d, t, cond))
         # The fake score's own diffusion targets on the same (stop-gradient) samples.

@@ -22,8 +22,6 @@ import sys
 import time
 from typing import Callable
 
-import numpy as np
-
 CURVES = ("loss", "raw_loss", "tangent_norm", "grad_norm")
 
 
