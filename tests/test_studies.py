@@ -7,7 +7,8 @@ import os
 import pytest
 
 from scm_jax import train
-from scm_jax.studies import compute, continuous_vs_discrete, runner, stabilizers, vsd_vs_scd
+from scm_jax.studies import (compute, continuous_vs_discrete, robustness, runner, stabilizers,
+                             vsd_vs_scd)
 from tests.helpers import load_experiment
 
 
@@ -96,6 +97,24 @@ def test_stabilizers_each_switch_trains_or_is_reported_diverged(tmp_path, teache
     assert results["runs"]["sct_adagn"]["teacher"] == "adagn"
     huge = results["runs"]["sct_lr_huge"]
     assert huge["status"] == "diverged" and "non-finite" in huge["message"] and not huge["rows"]
+
+
+def test_robustness_retrains_the_teacher_and_the_student_with_other_seeds(tmp_path,
+                                                                          teacher_workdir):
+    results, _ = _run(robustness, tmp_path, teacher_workdir)
+    assert set(results["runs"]) == {"sct_t0_s0", "sct_t0_s1", "sct_t1_s0"}
+    for entry in results["runs"].values():
+        _scored(entry)
+    assert results["teachers"]["seed1"]["overrides"] == ["seed=1"]
+    assert results["runs"]["sct_t1_s0"]["teacher"] == "seed1"
+    # Another seed is another run (the seed reaches the student's training), and each ratio
+    # is to the run's own teacher.
+    fd = {rid: runner.best_row(e, 2)["fd"] for rid, e in results["runs"].items()}
+    assert fd["sct_t0_s1"] != fd["sct_t0_s0"] and fd["sct_t1_s0"] != fd["sct_t0_s0"]
+    table = {rid: (teacher, ratio) for rid, _, teacher, _, _, ratio in robustness.ratios(results)}
+    t1 = runner.teacher_row(results, "seed1")["fd"]
+    assert table["sct_t1_s0"] == ("seed1", pytest.approx(fd["sct_t1_s0"] / t1))
+    assert runner.teacher_row(results)["fd"] != t1
 
 
 def test_bad_arguments_fail_clearly(tmp_path):

@@ -4,6 +4,7 @@
     python -m scm_jax.studies.vsd_vs_scd --workdir=DIR               # Fig. 7, Table 7
     python -m scm_jax.studies.compute --workdir=DIR                  # quality vs training compute
     python -m scm_jax.studies.stabilizers --workdir=DIR              # Sec. 4 ablations
+    python -m scm_jax.studies.robustness --workdir=DIR               # the defaults, other seeds
 
 Options shared by all (`runner.parse_args`): --config (default experiments/digits.py),
 --size=tiny (seconds-long, what the tests run), --teacher_workdir=DIR (reuse the teacher of a
