@@ -20,14 +20,13 @@ with and without that sharing; the compiled sCT step's FLOPs say which one XLA p
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 from scm_jax import configs, objectives
+from scm_jax.step_cost import flops_of, measure
 from scm_jax.data import build_train_batches
 from scm_jax.objectives.scm import scm_tangent
 
@@ -41,23 +40,6 @@ def synthetic_batch(config, batch_size: int) -> dict:
     shape = (batch_size,) + tuple(data_shape(config.data))
     return dict(image=config.data.sigma_d * jax.random.normal(key_x, shape),
                 label=jax.random.randint(key_y, (batch_size,), 0, max(config.model.num_classes, 1)))
-
-
-def flops_of(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
-
-
-def time_calls(fn, args, steps: int) -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -82,22 +64,8 @@ def main(argv=None):
         batches = build_train_batches(config.data, batch_size=args.batch, seed=0)
         batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
     shape = batch["image"].shape[1:]
-    teacher_objective = objectives.build(config, "teacher")
-    teacher = objectives.Teacher(teacher_objective)
-    teacher_ema = teacher_objective.init_state(jax.random.PRNGKey(0), shape).nets["net"].ema
-
-    rows = {}
-    for name in STAGES:
-        objective = objectives.build(config, name)
-        state = objective.init_state(jax.random.PRNGKey(1), shape)
-        tparams = teacher_ema if objective.distills else None
-        step = jax.jit(objective.make_step(teacher if objective.distills else None))
-        compiled = step.lower(state, batch, tparams).compile()
-        # Each call starts from the same state: the timing is of the step, not of training.
-        seconds = time_calls(lambda: compiled(state, batch, tparams), (), args.steps)
-        rows[name] = dict(seconds=seconds, flops=flops_of(compiled))
-        print(f"{name:8s} median {seconds * 1e3:8.1f} ms   {rows[name]['flops'] / 1e9:8.2f} GFLOP",
-              file=sys.stderr, flush=True)
+    rows = measure(config, STAGES, batch, calls=args.steps,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
 
     # Standalone pieces, to see whether the sCT step shares F^- with the gradient pass's forward.
     stage = objectives.build(config, "sct")
@@ -118,17 +86,16 @@ def main(argv=None):
     without_sharing = pieces["jvp"] + pieces["forward_backward"]
     with_sharing = without_sharing - pieces["forward"]
 
-    base = rows["teacher"]
     result = dict(
         config=args.config, batch=args.batch, device=str(jax.devices()[0].device_kind),
         backend=jax.default_backend(), steps=rows, pieces_flops=pieces,
-        ratios={name: dict(time=r["seconds"] / base["seconds"], flops=r["flops"] / base["flops"])
+        ratios={name: dict(time=r["time_ratio"], flops=r["flops_ratio"])
                 for name, r in rows.items()},
         sct_flops_if_unshared=without_sharing, sct_flops_if_shared=with_sharing,
         sct_shares_forward=abs(rows["sct"]["flops"] - with_sharing)
         < abs(rows["sct"]["flops"] - without_sharing),
     )
-    print(f"\n| step | median time | time / teacher | GFLOP | FLOPs / teacher |")
+    print("\n| step | median time | time / teacher | GFLOP | FLOPs / teacher |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         ratio = result["ratios"][name]

@@ -14,8 +14,6 @@ compute, and sCT is more compute-efficient than sCD at small resolutions.
 
     python -m scm_jax.studies.compute --workdir=/tmp/study_compute
 """
-import time
-
 import numpy as np
 
 from scm_jax.studies import runner
@@ -39,41 +37,19 @@ def runs(size, config):
 
 def measure_step_costs(results, config, log=print, calls: int = 10) -> None:
     """results['step_cost'] = {stage: {seconds, flops, time_ratio, flops_ratio}} for the teacher,
-    sCD and sCT steps of `config`: each compiled and timed back to back in this process (median
-    of `calls` calls from one state, after a warm-up call), so the ratios to the teacher's step
-    share the machine's load; FLOPs from XLA's cost analysis. Measured once per study."""
+    sCD and sCT steps of `config` on one training batch (`scm_jax.step_cost.measure`: compiled
+    and timed back to back in this process, FLOPs from XLA's cost analysis). Measured once per
+    study."""
     import jax
 
-    from scm_jax import objectives
+    from scm_jax import step_cost
     from scm_jax.data import build_train_batches
 
     if "step_cost" in results:
         return
     batches = build_train_batches(config.data, batch_size=config.teacher.batch_size, seed=0)
     batch = {k: jax.numpy.asarray(v) for k, v in next(batches).items()}
-    shape = batch["image"].shape[1:]
-    teacher_objective = objectives.build(config, "teacher")
-    teacher = objectives.Teacher(teacher_objective)
-    teacher_ema = teacher_objective.init_state(jax.random.PRNGKey(0), shape).nets["net"].ema
-    rows = {}
-    for name in ("teacher",) + tuple(BUDGETS):
-        objective = objectives.build(config, name)
-        state = objective.init_state(jax.random.PRNGKey(1), shape)
-        tparams = teacher_ema if objective.distills else None
-        step = jax.jit(objective.make_step(teacher if objective.distills else None))
-        compiled = step.lower(state, batch, tparams).compile()
-        jax.block_until_ready(compiled(state, batch, tparams))
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(state, batch, tparams))
-            times.append(time.perf_counter() - t0)
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        rows[name] = dict(seconds=float(np.median(times)), flops=float(cost.get("flops", np.nan)))
-    for r in rows.values():
-        r.update(time_ratio=r["seconds"] / rows["teacher"]["seconds"],
-                 flops_ratio=r["flops"] / rows["teacher"]["flops"])
+    rows = step_cost.measure(config, ("teacher",) + tuple(BUDGETS), batch, calls=calls)
     results["step_cost"] = rows
     results["teacher_steps"] = int(config.teacher.steps)
     log("[study] step cost / teacher's: " + ", ".join(

@@ -1,0 +1,59 @@
+"""The cost of one training step of each stage on this host, relative to the teacher's step.
+
+Each stage's jitted step is compiled once from one initial state and one batch; its FLOPs come
+from XLA's cost analysis of the compiled program (deterministic) and its time is the median of
+`calls` calls from that same state after a warm-up call (so it times the step, not training).
+The stages are measured back to back in one process, so time ratios share the machine's load.
+Used by `benchmarks/step_cost.py` and the compute study (`scm_jax.studies.compute`).
+"""
+import statistics
+import time
+
+import jax
+
+
+def flops_of(compiled) -> float:
+    """FLOPs of a compiled program from XLA's cost analysis (NaN where the backend has none)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def median_seconds(fn, calls: int) -> float:
+    """Median wall time of `calls` calls of fn() (blocked until ready), after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(config, stages, batch: dict, *, calls: int = 10, log=None) -> dict:
+    """{stage: {seconds, flops, time_ratio, flops_ratio}} for `stages` of `config` on `batch`
+    ({'image': [B, H, W, C], 'label': [B]}); the ratios are to the first stage's step (the
+    teacher's, by convention). A distilling stage's teacher is a random teacher EMA of the
+    config's architecture (the cost does not depend on the teacher's values)."""
+    from scm_jax import objectives
+
+    shape = batch["image"].shape[1:]
+    teacher_objective = objectives.build(config, "teacher")
+    teacher = objectives.Teacher(teacher_objective)
+    teacher_ema = teacher_objective.init_state(jax.random.PRNGKey(0), shape).nets["net"].ema
+    rows = {}
+    for name in stages:
+        objective = objectives.build(config, name)
+        state = objective.init_state(jax.random.PRNGKey(1), shape)
+        tparams = teacher_ema if objective.distills else None
+        step = jax.jit(objective.make_step(teacher if objective.distills else None))
+        compiled = step.lower(state, batch, tparams).compile()
+        rows[name] = dict(seconds=median_seconds(lambda: compiled(state, batch, tparams), calls),
+                          flops=flops_of(compiled))
+        if log:
+            log(f"{name:8s} median {rows[name]['seconds'] * 1e3:8.1f} ms   "
+                f"{rows[name]['flops'] / 1e9:8.2f} GFLOP")
+    base = rows[stages[0]]
+    for r in rows.values():
+        r.update(time_ratio=r["seconds"] / base["seconds"], flops_ratio=r["flops"] / base["flops"])
+    return rows
