@@ -171,19 +171,19 @@ def test_imagenet512_runlocal_trains_guided_scd(tmp_path):
     assert max(float(np.abs(np.asarray(student[k]) - np.asarray(teacher[k])).max())
                for k in student) > 0
     assert (tmp_path / "run" / "scd" / "samples_0000004.png").exists()   # latent preview grid
-    # sCD + aVSD (App. C) on the same preset: the generator, F_phi (from the teacher's EMA) and
-    # w_psi all train, guided as sCD is.
-    vsd = _train(config, ("scd_vsd",), tmp_path / "run")["scd_vsd"]
-    assert int(vsd.step) == config.scd_vsd.steps and set(vsd.nets) == {
-        "net", "weight", "fake", "fake_weight", "vsd_weight"}
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(vsd.nets))
-    for name in ("net", "fake"):   # both start from the teacher's EMA (plus a guidance layer)
-        flat = {jax.tree_util.keystr(p): v for p, v in
-                jax.tree_util.tree_flatten_with_path(vsd.nets[name].params)[0]
-                if "guidance" not in jax.tree_util.keystr(p)}
-        assert flat.keys() == teacher.keys(), name
-        assert max(float(np.abs(np.asarray(flat[k]) - np.asarray(teacher[k])).max())
-                   for k in flat) > 0, name
+    # sCD + aVSD and aVSD alone (App. C) on the same preset: the generator, F_phi (from the
+    # teacher's EMA) and w_psi all train, guided as sCD is.
+    for stage_name, vsd in _train(config, ("scd_vsd", "vsd"), tmp_path / "run").items():
+        assert int(vsd.step) == config[stage_name].steps and set(vsd.nets) == {
+            "net", "weight", "fake", "fake_weight", "vsd_weight"}
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(vsd.nets))
+        for name in ("net", "fake"):   # both start from the teacher's EMA (+ a guidance layer)
+            flat = {jax.tree_util.keystr(p): v for p, v in
+                    jax.tree_util.tree_flatten_with_path(vsd.nets[name].params)[0]
+                    if "guidance" not in jax.tree_util.keystr(p)}
+            assert flat.keys() == teacher.keys(), (stage_name, name)
+            assert max(float(np.abs(np.asarray(flat[k]) - np.asarray(teacher[k])).max())
+                       for k in flat) > 0, (stage_name, name)
 
 
 def test_missing_latents_name_the_encoding_command(tmp_path):
