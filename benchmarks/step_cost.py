@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax import configs, objectives
-from scm_jax.step_cost import flops_of, measure
 from scm_jax.data import build_train_batches
 from scm_jax.objectives.scm import scm_tangent
+from scm_jax.step_cost import flops_of, measure
 
 STAGES = ("teacher", "sct", "scd", "dscd")
 

@@ -177,11 +177,6 @@ def hlo_breakdown(hlo_text: str, top: int = 6) -> dict:
                                  for b, op, where in buffers[:top]])
 
 
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    return cost[0] if isinstance(cost, (list, tuple)) else dict(cost or {})
-
-
 def compile_stage(config, name: str, mesh) -> dict:
     """Compiles stage `name`'s step on `mesh`; per-chip memory, FLOPs, estimated seconds."""
     from scm_jax.stage import build_stage
@@ -198,8 +193,10 @@ def compile_stage(config, name: str, mesh) -> dict:
 
 def compiled_figures(compiled, mesh) -> dict:
     """Per-chip memory, FLOPs and estimated seconds of a program compiled for `mesh`."""
+    from scm_jax import step_cost
+
     memory = compiled.memory_analysis()
-    cost = _cost(compiled)
+    cost = step_cost.cost_analysis(compiled)
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
     breakdown = hlo_breakdown(compiled.as_text())
@@ -228,7 +225,7 @@ def network_flops_per_image(config, name: str) -> float:
     import jax
     import jax.numpy as jnp
 
-    from scm_jax import objectives
+    from scm_jax import objectives, step_cost
     from scm_jax.data import data_shape
 
     config = config.copy_and_resolve_references()
@@ -243,7 +240,7 @@ def network_flops_per_image(config, name: str) -> float:
         return jnp.sum(objective.net_train(p, x, t, cond, jax.random.PRNGKey(0)).astype(jnp.float32))
 
     lowered = jax.jit(jax.grad(loss)).lower(params)
-    return float(_cost(lowered).get("flops", float("nan")))
+    return step_cost.flops_of(lowered)
 
 
 def teacher_cache_key(config, name: str, topology: Topology) -> tuple:

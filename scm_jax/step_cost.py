@@ -12,11 +12,17 @@ import time
 import jax
 
 
-def flops_of(compiled) -> float:
-    """FLOPs of a compiled program from XLA's cost analysis (NaN where the backend has none)."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", float("nan")))
+def cost_analysis(program) -> dict:
+    """XLA's cost analysis of a lowered or compiled program as one dict (some versions return a
+    list with one dict per computation, some None)."""
+    cost = program.cost_analysis()
+    return dict((cost[0] if isinstance(cost, (list, tuple)) else cost) or {})
+
+
+def flops_of(program) -> float:
+    """FLOPs of a lowered or compiled program from XLA's cost analysis (NaN where the backend
+    has none)."""
+    return float(cost_analysis(program).get("flops", float("nan")))
 
 
 def median_seconds(fn, calls: int) -> float:
