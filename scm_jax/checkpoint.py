@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from scm_jax.checkpoint_layout import saved_layout, to_config_layout
 from scm_jax import data as data_lib
 from scm_jax import files, objectives, sharding
 from scm_jax.errors import CheckpointMismatchError, MissingInputError, UserError
@@ -304,12 +305,18 @@ class CheckpointStore:
         step = self.latest_step() if step is None else step
         where = self._where(step)
         saved = self._saved_tree(step)
+        # Written with the other block layout (`model.scan_blocks`): read as written, verify,
+        # then rearrange.
+        other = saved_layout(abstract_state, saved) if saved is not None else None
+        target = abstract_state if other is None else other
         if saved is not None:
-            compare_trees(abstract_state, saved, where)
-        restored = self._read(step, _restore_args(abstract_state), where)
-        compare_trees(abstract_state, restored["state"], where)
+            compare_trees(target, saved, where)
+        restored = self._read(step, _restore_args(target), where)
+        compare_trees(target, restored["state"], where)
         self._verify(restored["state"], restored["integrity"], where)
-        return restored["state"], restored["data"]
+        state = restored["state"] if other is None else to_config_layout(restored["state"],
+                                                                          abstract_state)
+        return state, restored["data"]
 
     def restore_latest_intact(self, abstract_state, *, log=print):
         """(state, data_state, step) of the newest checkpoint that reads back intact. Each newer
@@ -347,13 +354,17 @@ class CheckpointStore:
         step = self.latest_step() if step is None else step
         where = self._where(step)
         saved = self._saved_tree(step)
+        other = None
         if saved is not None:
             picked = _pick(saved, subtree, where)
-            compare_trees(subtree, picked, where)
+            other = saved_layout(subtree, picked)   # the other block layout (see `restore`)
+            compare_trees(subtree if other is None else other, picked, where)
+        target = subtree if other is None else other
         restored = self._read(step, ocp.args.PyTreeRestore(
-            item=subtree, partial_restore=True, restore_args=_restore_args_of(subtree)), where)
+            item=target, partial_restore=True, restore_args=_restore_args_of(target)), where)
         self._verify(restored["state"], restored["integrity"], where)
-        return restored["state"]
+        return restored["state"] if other is None else to_config_layout(restored["state"],
+                                                                        subtree)
 
     def close(self) -> None:
         try:
@@ -362,15 +373,16 @@ class CheckpointStore:
             self.manager.close()
 
 
-def _pick(saved, subtree, where):
-    """The part of the saved metadata tree that `subtree` names."""
-    if not isinstance(subtree, dict):
+def _pick(saved, subtree, where, depth: int = 3):
+    """The part of the saved metadata tree that `subtree` names, to `depth` levels (e.g.
+    nets/<network>/ema); below that, the saved tree as it is."""
+    if not isinstance(subtree, dict) or depth == 0:
         return saved
     out = {}
     for key, value in subtree.items():
         if not isinstance(saved, dict) or key not in saved:
             raise CheckpointMismatchError(f"checkpoint at {where} has no entry {key!r}")
-        out[key] = _pick(saved[key], value, where)
+        out[key] = _pick(saved[key], value, where, depth - 1)
     return out
 
 

@@ -128,6 +128,7 @@ def _edm2_model(size: str, num_classes: int, tiny: bool) -> ml_collections.Confi
         dropout_max_resolution=16,              # dropout only at resolutions <= 16 (Tables 4/5)
         modulation="adn",
         remat="none",                           # 'block' | a jax.checkpoint policy name
+        scan_blocks=True,                       # runs of equal blocks as one nn.scan
         weight_channels=16 if tiny else 128,
         dtype="float32" if tiny else "bfloat16",
     ))
@@ -137,8 +138,8 @@ def _dit_model(size: str, num_classes: int, tiny: bool) -> ml_collections.Config
     return ml_collections.ConfigDict(dict(
         name="dit", **dit.PRESETS["xs" if tiny else size], mlp_ratio=4.0,
         num_classes=num_classes, guidance_input=False, attention_impl="auto", qk_norm=False,
-        dropout=0.0, modulation="adn", remat="none", weight_channels=16 if tiny else 128,
-        dtype="float32" if tiny else "bfloat16"))
+        dropout=0.0, modulation="adn", remat="none", scan_blocks=True,
+        weight_channels=16 if tiny else 128, dtype="float32" if tiny else "bfloat16"))
 
 
 def _cm_stages(config, *, cm: dict, steps, sct_steps, scd_steps, sct_dropout, scd_dropout,
@@ -263,7 +264,7 @@ def cifar10_config(arg: str | None) -> ml_collections.ConfigDict:
     model = ml_collections.ConfigDict(dict(
         name="ddpmpp", **preset, num_classes=0, guidance_input=False, attention_impl="auto",
         dropout=0.0, dropout_max_resolution=0, modulation="adn", remat="none",
-        weight_channels=16 if tiny else 128, dtype="float32"))
+        scan_blocks=True, weight_channels=16 if tiny else 128, dtype="float32"))
     data = image_data_config("cifar10", resolution=16 if tiny else 32)
     config = _base(args, data, model, "cifar10")
     config.paper_params_m = 0.0   # the paper gives no count; EDM's DDPM++ is 55.7M (see README)

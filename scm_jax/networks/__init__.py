@@ -13,11 +13,13 @@ from scm_jax.networks.attention import check_attention_impl
 from scm_jax.networks.layers import (MODULATIONS, REMAT_MODES, TIME_EMBEDDINGS, TIME_TRANSFORMS,
                                     AdaptiveWeight)
 from scm_jax.networks import ddpmpp, dit, edm2, unet
+from scm_jax.networks.scan import init_like_unrolled
 from scm_jax.networks.unet import UNet
 
 # name -> module exposing from_config(model, *, dropout, dtype) and, optionally, PRESETS and
 # project_params(params) (a projection applied after every optimizer step).
 BACKBONES = {"unet": unet, "ddpmpp": ddpmpp, "edm2": edm2, "dit": dit}
+SCANNING_BACKBONES = ("ddpmpp", "edm2", "dit")   # those with `model.scan_blocks`
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -43,7 +45,10 @@ def build_network(model: ml_collections.ConfigDict, *, dropout: float | None = N
 # Entries of config.model that do not change what a checkpoint's parameters mean: how the
 # network is computed (dtype, attention kernel, rematerialization) and regularized (dropout).
 # (The stabilizer switches below do change it, so they are not here.)
-NON_IDENTITY_KEYS = ("attention_impl", "dtype", "dropout", "dropout_max_resolution", "remat")
+# `scan_blocks` changes the parameters' layout, not their meaning: a checkpoint restores into
+# the other layout (`networks.scan.convert_like`).
+NON_IDENTITY_KEYS = ("attention_impl", "dtype", "dropout", "dropout_max_resolution", "remat",
+                     "scan_blocks")
 
 # The sCM Sec. 4.1 architecture switches, for ablations: key -> (allowed values, the default
 # (the paper's choice), the values only the 'unet' backbone implements). A key absent from
@@ -94,12 +99,30 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.remat = {model.remat!r} is invalid: expected one of "
                           f"{REMAT_MODES} ('block': recompute each block in the backward pass; "
                           f"a policy name: save what it names)")
+    scan = model.get("scan_blocks", False)
+    if not isinstance(scan, bool):
+        raise ConfigError(f"config.model.scan_blocks = {scan!r} is invalid: expected True or "
+                          f"False (runs of equal blocks as one nn.scan)")
+    if scan and model.name not in SCANNING_BACKBONES:
+        raise ConfigError(f"config.model.scan_blocks = True is supported by the "
+                          f"{SCANNING_BACKBONES} backbones, not {model.name!r}")
     channels = model.get("weight_channels", 4)
     if not (isinstance(channels, int) and channels >= 4 and channels % 2 == 0):
         raise ConfigError(f"config.model.weight_channels = {channels!r} is invalid: expected an "
                           f"even integer >= 4 (the adaptive weighting's embedding width)")
     check_stabilizer_keys(model)
     build_network(model)
+
+
+def init_backbone(module, key, x, t, y=None, guidance=None):
+    """The backbone's initial params (logically boxed). A network with `scan_blocks` starts from
+    the unrolled network's initial values (the same numbers, stacked per run), so the layout
+    does not change what a seed gives."""
+    rngs = {"params": key}
+    if getattr(module, "scan_blocks", False):
+        return init_like_unrolled(module, module.clone(scan_blocks=False), rngs, x, t, y,
+                                  guidance, train=False)
+    return module.init(rngs, x, t, y, guidance, train=False)["params"]
 
 
 def bind_apply(module, *, train: bool):
@@ -118,4 +141,4 @@ def bind_apply(module, *, train: bool):
 
 
 __all__ = ["AdaptiveWeight", "BACKBONES", "NON_IDENTITY_KEYS", "STABILIZER_KEYS", "UNet",
-           "bind_apply", "build_network", "check_stabilizer_keys", "validate_model_config"]
+           "bind_apply", "build_network", "init_backbone", "check_stabilizer_keys", "validate_model_config"]

@@ -31,6 +31,7 @@ from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
 from scm_jax.networks.layers import (adaptive_double_norm, at_least_f32, check_inputs,
                                     positional_embedding, remat_block)
+from scm_jax.networks.scan import apply_blocks
 
 MODULATIONS = ("adn", "additive")
 CONV_AXES = ("conv_height", "conv_width", "embed_in", "embed_out")
@@ -162,6 +163,7 @@ class DDPMPP(nn.Module):
     modulation: str = "adn"
     attention_impl: str = "xla"
     remat: str = "none"
+    scan_blocks: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -179,6 +181,18 @@ class DDPMPP(nn.Module):
         def tag(level):
             return f"{x.shape[1] >> level}x{x.shape[2] >> level}"
 
+        def make(kwargs, name):
+            return remat_block(UNetBlock, self.remat)(**kwargs, name=name)
+
+        # Each level's runs of equal blocks, scanned when `scan_blocks` (`networks.scan`).
+        run = functools.partial(
+            apply_blocks, block_cls=UNetBlock, make_unrolled=make, scan=self.scan_blocks,
+            remat=self.remat, train=train,
+            keeps_shape=lambda kw, h: (h.shape[-1] == kw["out_channels"]
+                                       and kw.get("resample", "none") == "none"))
+        common = dict(num_heads=self.num_heads, modulation=self.modulation,
+                      attention_impl=self.attention_impl, dtype=self.dtype)
+
         # Encoder: each level's feature maps are kept for the decoder's skip connections.
         h = x.astype(self.dtype)
         skips = []
@@ -190,10 +204,11 @@ class DDPMPP(nn.Module):
                 h = block(h.shape[-1], resample="down", dropout=drop(res),
                           name=f"enc_{tag(level)}_down")(h, emb, train)
             skips.append(h)
-            for i in range(self.num_blocks):
-                h = block(self.channels * mult, attention=res in self.attn_resolutions,
-                          dropout=drop(res), name=f"enc_{tag(level)}_block{i}")(h, emb, train)
-                skips.append(h)
+            kwargs = dict(common, out_channels=self.channels * mult,
+                          attention=res in self.attn_resolutions, dropout=drop(res))
+            h, outputs = run(h, [(f"enc_{tag(level)}_", i, kwargs, None)
+                                 for i in range(self.num_blocks)], (emb,), emit=True)
+            skips.extend(outputs)
 
         # Decoder: two middle blocks (the first with attention), then per level an upsampling
         # block and num_blocks + 1 blocks that each take one skip.
@@ -206,11 +221,11 @@ class DDPMPP(nn.Module):
             else:
                 h = block(c, resample="up", dropout=drop(res),
                           name=f"dec_{tag(level)}_up")(h, emb, train)
-            for i in range(self.num_blocks + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-                attn = i == self.num_blocks and res in self.attn_resolutions
-                h = block(self.channels * self.channel_mult[level], attention=attn,
-                          dropout=drop(res), name=f"dec_{tag(level)}_block{i}")(h, emb, train)
+            blocks = [(f"dec_{tag(level)}_", i, dict(
+                common, out_channels=self.channels * self.channel_mult[level],
+                attention=i == self.num_blocks and res in self.attn_resolutions,
+                dropout=drop(res)), skips.pop()) for i in range(self.num_blocks + 1)]
+            h, _ = run(h, blocks, (emb,), merge=lambda h, skip: jnp.concatenate([h, skip], -1))
 
         h = nn.silu(_group_norm(h.shape[-1], f"dec_{tag(0)}_aux_norm", self.dtype)(h))
         out = _conv(x.shape[-1], 3, f"dec_{tag(0)}_aux_conv", self.dtype, init=ZEROS)(h)
@@ -271,4 +286,5 @@ def from_config(model, *, dropout: float, dtype) -> DDPMPP:
         noise_channels=model.noise_channels, emb_channels=model.emb_channels,
         num_classes=model.num_classes, guidance_input=model.guidance_input,
         modulation=model.modulation, attention_impl=model.attention_impl,
-        remat=model.get("remat", "none"), dtype=dtype)
+        remat=model.get("remat", "none"), scan_blocks=bool(model.get("scan_blocks", False)),
+        dtype=dtype)

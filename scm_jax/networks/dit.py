@@ -39,6 +39,7 @@ from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
 from scm_jax.networks.layers import (at_least_f32, check_inputs, pixel_norm, positional_embedding,
                                     remat_block)
+from scm_jax.networks.scan import apply_blocks
 
 MODULATIONS = ("adn", "adaln")
 DENSE_AXES = ("embed_in", "embed_out")
@@ -182,6 +183,7 @@ class DiT(nn.Module):
     dropout: float = 0.0
     attention_impl: str = "xla"
     remat: str = "none"
+    scan_blocks: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -197,10 +199,15 @@ class DiT(nn.Module):
         h = _dense(d, "patch_embed", self.dtype)(patches.reshape(b, gh * gw, p * p * ch))
         h = h + jnp.asarray(sincos_position_embedding(gh, gw, d), self.dtype)[None]
         h = nn.with_logical_constraint(h, TOKEN_AXES)
-        for i in range(self.depth):
-            block = remat_block(DiTBlock, self.remat)
-            h = block(self.num_heads, self.mlp_ratio, self.qk_norm, self.modulation,
-                      self.dropout, self.attention_impl, self.dtype, name=f"block{i}")(h, c, train)
+        # The `depth` equal blocks: one scanned run with `scan_blocks` (`networks.scan`).
+        kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
+                      modulation=self.modulation, dropout=self.dropout,
+                      attention_impl=self.attention_impl, dtype=self.dtype)
+        h, _ = apply_blocks(
+            h, [("", i, kwargs, None) for i in range(self.depth)], (c,), block_cls=DiTBlock,
+            make_unrolled=lambda kw, name: remat_block(DiTBlock, self.remat)(**kw, name=name),
+            keeps_shape=lambda kw, h: True, scan=self.scan_blocks, remat=self.remat,
+            train=train)
 
         ((shift, scale),) = Modulation(d, 1, False, self.modulation, self.dtype,
                                        name="final_modulation")(c)
@@ -263,4 +270,5 @@ def from_config(model, *, dropout: float, dtype) -> DiT:
         patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, num_classes=model.num_classes,
         guidance_input=model.guidance_input, qk_norm=model.qk_norm, modulation=model.modulation,
         dropout=dropout, attention_impl=model.attention_impl, remat=model.get("remat", "none"),
+        scan_blocks=bool(model.get("scan_blocks", False)),
         dtype=dtype)

@@ -14,6 +14,7 @@ EDM2's logvar head is not part of the backbone (the package trains its own `Adap
 The network computes F in x_t / sigma_d space; preconditioning lives in `trigflow`. Forced weight
 normalization is `project_params`, applied by the train step after every optimizer update.
 """
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -27,6 +28,7 @@ from scm_jax.networks.layers import adaptive_double_norm, at_least_f32, check_in
 from scm_jax.networks.mp_layers import (DENSE_AXES, MP_WEIGHT, MPConv, mp_cat,
                                         mp_positional_features, mp_silu, mp_sum, normalize,
                                         project_weight)
+from scm_jax.networks.scan import apply_blocks, layer_axis_leaf
 
 MODULATIONS = ("adn", "edm2")
 ACTIVATION_AXES = ("batch", "height", "width", "channels")
@@ -167,6 +169,7 @@ class EDM2UNet(nn.Module):
     modulation: str = "adn"
     attention_impl: str = "xla"
     remat: str = "none"
+    scan_blocks: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def _check_inputs(self, x, t, y, guidance):
@@ -210,14 +213,28 @@ class EDM2UNet(nn.Module):
         cblock = [self.model_channels * m for m in self.channel_mult]
         levels = len(cblock)
 
-        def block(channels, flavor, res, name, **kw):
+        def settings(channels, flavor, res, **kw):
             drop = self.dropout if (not self.dropout_max_resolution
                                     or res <= self.dropout_max_resolution) else 0.0
-            return remat_block(Block, self.remat)(channels, flavor, channels_per_head=self.channels_per_head, dropout=drop,
-                         res_balance=self.res_balance, attn_balance=self.attn_balance,
-                         clip_act=self.clip_act, modulation=self.modulation,
-                         attention_impl=self.attention_impl, dtype=self.dtype,
-                         name=f"{flavor}_{res}x{res}_{name}", **kw)
+            return dict(out_channels=channels, flavor=flavor,
+                        channels_per_head=self.channels_per_head, dropout=drop,
+                        res_balance=self.res_balance, attn_balance=self.attn_balance,
+                        clip_act=self.clip_act, modulation=self.modulation,
+                        attention_impl=self.attention_impl, dtype=self.dtype, **kw)
+
+        def make(kwargs, name):
+            return remat_block(Block, self.remat)(**kwargs, name=name)
+
+        def block(channels, flavor, res, name, **kw):
+            return make(settings(channels, flavor, res, **kw), f"{flavor}_{res}x{res}_{name}")
+
+        # Each level's run of `num_blocks` (decoder: + 1) equal blocks, scanned where they keep
+        # the activation's shape when `scan_blocks` (`networks.scan`).
+        run = functools.partial(
+            apply_blocks, block_cls=Block, make_unrolled=make, scan=self.scan_blocks,
+            remat=self.remat, train=train,
+            keeps_shape=lambda kw, h: (h.shape[-1] == kw["out_channels"]
+                                       and kw.get("resample_mode", "keep") == "keep"))
 
         # Encoder. EDM2's constant-ones channel lets the first conv see the image border.
         h = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1).astype(self.dtype)
@@ -230,10 +247,10 @@ class EDM2UNet(nn.Module):
                 h = block(h.shape[-1], "enc", res, "down",
                           resample_mode="down")(h, emb, train)
             skips.append(h)
-            for i in range(self.num_blocks):
-                h = block(channels, "enc", res, f"block{i}",
-                          attention=res in self.attn_resolutions)(h, emb, train)
-                skips.append(h)
+            kwargs = settings(channels, "enc", res, attention=res in self.attn_resolutions)
+            h, outputs = run(h, [(f"enc_{res}x{res}_", i, kwargs, None)
+                                 for i in range(self.num_blocks)], (emb,), emit=True)
+            skips.extend(outputs)
 
         # Decoder, fed every encoder output through mp_cat.
         for level in reversed(range(levels)):
@@ -243,10 +260,10 @@ class EDM2UNet(nn.Module):
                 h = block(h.shape[-1], "dec", res, "in1")(h, emb, train)
             else:
                 h = block(h.shape[-1], "dec", res, "up", resample_mode="up")(h, emb, train)
-            for i in range(self.num_blocks + 1):
-                h = mp_cat(h, skips.pop(), t=self.concat_balance)
-                h = block(cblock[level], "dec", res, f"block{i}",
-                          attention=res in self.attn_resolutions)(h, emb, train)
+            kwargs = settings(cblock[level], "dec", res, attention=res in self.attn_resolutions)
+            h, _ = run(h, [(f"dec_{res}x{res}_", i, kwargs, skips.pop())
+                           for i in range(self.num_blocks + 1)], (emb,),
+                       merge=functools.partial(mp_cat, t=self.concat_balance))
         out = MPConv(x.shape[-1], (3, 3), dtype=self.dtype, name="out_conv")(
             h, _scalar_gain(self, "out_gain"))
         return out.astype(at_least_f32(self.dtype))
@@ -263,7 +280,10 @@ def project_params(params):
 
     def project(path, leaf):
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return project_weight(leaf) if names and names[-1] == MP_WEIGHT else leaf
+        if not names or names[-1] != MP_WEIGHT:
+            return leaf
+        # A scanned run's weights are stacked on a leading axis: each block's own.
+        return jax.vmap(project_weight)(leaf) if layer_axis_leaf(path) else project_weight(leaf)
 
     return jax.tree_util.tree_map_with_path(project, params)
 
@@ -333,6 +353,7 @@ def from_config(model, *, dropout: float, dtype) -> EDM2UNet:
         dropout_max_resolution=model.dropout_max_resolution,
         modulation=model.modulation,
         remat=model.get("remat", "none"),
+        scan_blocks=bool(model.get("scan_blocks", False)),
         dropout=dropout,
         dtype=dtype,
     )

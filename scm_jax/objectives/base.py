@@ -34,7 +34,7 @@ from flax import struct
 from scm_jax import ema as ema_lib
 from scm_jax import optimizers, sharding
 from scm_jax.errors import ConfigError
-from scm_jax.networks import BACKBONES, bind_apply, build_network
+from scm_jax.networks import BACKBONES, bind_apply, build_network, init_backbone
 from scm_jax.networks.attention import resolve_attention_impl
 from scm_jax.objectives.randomness import Randomness
 
@@ -198,8 +198,7 @@ class Objective(abc.ABC):
 
         def init_net(key, example):
             x, t, cond = example
-            return self.module.init({"params": key}, x, t, cond.get("y"), cond.get("guidance"),
-                                    train=False)["params"]
+            return init_backbone(self.module, key, x, t, cond.get("y"), cond.get("guidance"))
 
         return {"net": Network(self.module, init_net, self.optimizer, ema=self.cfg.ema,
                                project=project)}

@@ -36,7 +36,7 @@ import numpy as np
 from flax import struct
 
 from scm_jax import optimizers, trigflow
-from scm_jax.networks import AdaptiveWeight, bind_apply, build_network
+from scm_jax.networks import AdaptiveWeight, bind_apply, build_network, init_backbone
 from scm_jax.objectives.base import Network, check
 from scm_jax.objectives.consistency import extend
 from scm_jax.objectives.diffusion import diffusion_targets
@@ -130,8 +130,8 @@ class AdaptiveVSD(SCM):
 
         def init_fake(key, example):
             x, t, cond = example
-            return self.fake_module.init({"params": key}, x, t, cond.get("y"),
-                                         cond.get("guidance"), train=False)["params"]
+            return init_backbone(self.fake_module, key, x, t, cond.get("y"),
+                                 cond.get("guidance"))
 
         def init_weight(key, example):
             return AdaptiveWeight(channels).init(key, example[1])["params"]
