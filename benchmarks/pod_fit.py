@@ -7,14 +7,20 @@ For every preset (cifar10 paper, imagenet64 s..xl, imagenet512 s..xxl, DiT s..xl
 (teacher, sct, scd) at the paper's global batch, it looks for the smallest v5p and the smallest
 v6e slice (powers of two) on which the step fits, trying FSDP over every chip first without and
 then with rematerialization (`model.remat=block`), and records for that slice what
-`python -m scm_jax.compile` reports (per-chip memory, estimated step time, MFU, the step's time
-and FLOPs relative to the teacher step of the same network, batch and mesh). The search starts
-from the slice the parameters, their Adam moments and their EMA need at least. Every figure is
-the TPU compiler's; MFU from its time estimate (a lower bound on time) is an upper bound.
+`python -m scm_jax.compile --with_teacher` reports (per-chip memory, estimated step time, MFU,
+the step's time and FLOPs relative to the teacher step of the same network, batch and mesh).
+Each try is one compile of the stage alone; a step that does not fit (its arguments alone
+exceed HBM, or the compiler runs out of memory) moves the search on, and the teacher step is
+compiled only beside the setting that fits (once per preset, slice and setting: shared by the
+stages). The search starts from the slice the parameters, their Adam moments and their EMA
+need at least. Every figure is the TPU compiler's; MFU from its time estimate (a lower bound
+on time) is an upper bound. The compiler's answers are kept on disk (`scm_jax.compile_cache`;
+`--no_compile_cache` turns that off), so a repeated question costs a lowering, not a compile.
 
 Results are written to --json after every entry, and entries already there are skipped, so an
-interrupted run resumes. On a 2-core host one compile of a DDPM++ CIFAR-10 step takes 9-18
-minutes, a DiT-S step 1-2 minutes, and an EDM2-XXL sCD step did not finish in 50 minutes.
+interrupted run resumes; `benchmarks/pod_fit_table.py` makes the README's tables from it. On a
+2-core host one compile of a DDPM++ CIFAR-10 step takes 9-18 minutes, a DiT-S step 1-2
+minutes, and an EDM2-XXL sCD step did not finish in 50 minutes.
 """
 import argparse
 import json
@@ -26,8 +32,10 @@ import time
 import jax
 
 from scm_jax import compile as cc
-from scm_jax import configs, objectives, sharding
+from scm_jax import compile_cache, configs, objectives, sharding
 from scm_jax.data import data_shape
+
+import pod_fit_table
 
 PRESETS = {
     "ddpmpp-cifar10": "experiments/cifar10.py:variant=paper",
@@ -51,17 +59,16 @@ def parameter_count(config, stage: str) -> int:
     return sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.nets["net"].params))
 
 
-def with_settings(spec: str, stage: str, chips: int, remat: str):
-    config = configs.load(spec, [f"stage={stage}", "mesh.data=1", f"mesh.fsdp={chips}",
-                                 f"model.remat={remat}"])
-    return config
+def with_settings(spec: str, stage: str, topology, remat: str):
+    """The preset with FSDP over every chip of `topology` and `remat`."""
+    return configs.load(spec, [f"stage={stage}", f"model.remat={remat}", *cc.auto_mesh(topology)])
 
 
 # Teacher-step compiles shared by the stages of one preset on one slice (compile.check's cache).
 TEACHER_CACHE = {}
 
 
-def fit(spec: str, stage: str, platform: str, log, teacher_entry=None) -> dict:
+def fit(spec: str, stage: str, platform: str, log, teacher_entry=None, cache_dir=None) -> dict:
     """The smallest slice of `platform` where `stage` fits, with the compile check's report.
     `teacher_entry`: this preset's teacher result on `platform`, whose compile is reused where
     the slice, remat and batch are the same."""
@@ -78,22 +85,30 @@ def fit(spec: str, stage: str, platform: str, log, teacher_entry=None) -> dict:
             continue
         for remat in SETTINGS:
             start = time.time()
-            config = with_settings(spec, stage, topology.chips, remat)
+            config = with_settings(spec, stage, topology, remat)
             t = teacher_entry or {}
-            if (t.get("topology") == product and t.get("remat") == remat
+            if (t.get("fits") and t.get("topology") == product and t.get("remat") == remat
                     and t.get("batch_size") == config[stage].batch_size
                     and t.get("microbatches") == config[stage].microbatches):
-                TEACHER_CACHE[cc.teacher_cache_key(config, stage, topology)] = dict(
-                    seconds=t["step_seconds"], peak_bytes=t["peak_bytes_per_chip"],
-                    flops=t["flops_per_step"])
-            report = cc.check(config, stage, topology, log=lambda m: None,
-                              teacher_cache=TEACHER_CACHE)
-            report["compile_seconds"] = time.time() - start
-            tried.append(dict(topology=product, remat=remat, fits=report["fits"],
-                              peak_bytes_per_chip=report["peak_bytes_per_chip"]))
-            log(f"  {product} remat={remat}: {report['peak_bytes_per_chip'] / cc.GIB:.1f} GiB "
-                f"per chip -> {'fits' if report['fits'] else 'does not fit'} "
-                f"({report['compile_seconds']:.0f} s)")
+                known = dict(seconds=t["step_seconds"], peak_bytes=t["peak_bytes_per_chip"],
+                             flops=t["flops_per_step"], fits=True,
+                             compile_seconds=t.get("compile_seconds"),
+                             lowered_flops=t.get("lowered_flops_per_step"))
+                TEACHER_CACHE[cc.teacher_cache_key(config, stage, topology)] = {
+                    k: v for k, v in known.items() if v is not None}
+            report = cc.check(config, stage, topology, log=lambda m: None, with_teacher=True,
+                              teacher_cache=TEACHER_CACHE, mesh_source=cc.AUTO_MESH,
+                              cache_dir=cache_dir)
+            report["check_seconds"] = time.time() - start
+            tried.append({k: report[k] for k in (
+                "remat", "fits", "fit_source", "required_bytes_per_chip", "lower_seconds",
+                "compile_seconds")} | dict(topology=product))
+            required = report["required_bytes_per_chip"]
+            log(f"  {product} remat={remat}: "
+                f"{'?' if required is None else f'{required / cc.GIB:.1f}'} GiB per chip -> "
+                f"{'fits' if report['fits'] else 'does not fit'} ({report['fit_source']}; "
+                f"lowered in {report['lower_seconds']:.0f} s, compiled in "
+                f"{report['compile_seconds']:.0f} s, check {report['check_seconds']:.0f} s)")
             if report["fits"]:
                 return dict(report, tried=tried)
     return dict(fits=False, tried=tried)
@@ -105,8 +120,8 @@ def tangent_pass(spec: str, impl: str, product: str) -> dict:
     from scm_jax.stage import build_stage
 
     topology = cc.parse_topology(product)
-    config = configs.load(spec, ["stage=scd", "mesh.data=1", f"mesh.fsdp={topology.chips}",
-                                 f"model.attention_impl={impl}"])
+    config = configs.load(spec, ["stage=scd", f"model.attention_impl={impl}",
+                                 *cc.auto_mesh(topology)])
     mesh = sharding.make_mesh(config.mesh, cc.topology_devices(topology))
     stage = build_stage(config, "scd", mesh)
     objective = stage.objective
@@ -132,7 +147,10 @@ def main(argv=None):
     parser.add_argument("--platforms", default="v5p,v6e")
     parser.add_argument("--attention", action="store_true",
                         help="also the tangent pass of DiT-XL and EDM2-XXL, 'auto' vs 'xla'")
+    parser.add_argument("--no_compile_cache", action="store_true",
+                        help="compile every step anew instead of reusing the compiler's answers")
     args = parser.parse_args(argv)
+    cache_dir = compile_cache.directory(not args.no_compile_cache)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     results = {}
     if os.path.exists(args.json):
@@ -155,7 +173,8 @@ def main(argv=None):
             print(f"{key}", file=sys.stderr, flush=True)
             report = fit(PRESETS[preset], stage, platform,
                          log=lambda m: print(m, file=sys.stderr, flush=True),
-                         teacher_entry=results.get(f"{preset}:teacher:{platform}"))
+                         teacher_entry=results.get(f"{preset}:teacher:{platform}"),
+                         cache_dir=cache_dir)
             report.pop("compiled", None)
             results[key] = report
             save()
@@ -166,35 +185,7 @@ def main(argv=None):
                 if key not in results:
                     results[key] = tangent_pass(PRESETS[name], impl, "v5p-128")
                     save()
-    print(format_table(results))
-
-
-def format_table(results: dict) -> str:
-    gib = cc.GIB
-    lines = ["| preset | stage | smallest v5p | smallest v6e | per-chip memory (v5p / v6e) | "
-             "est. step (v5p) | MFU (v5p) | time / teacher (v5p) |", "|---|---|---|---|---|---|---|---|"]
-    for preset in PRESETS:
-        for stage in STAGES:
-            v5p, v6e = (results.get(f"{preset}:{stage}:{p}") for p in ("v5p", "v6e"))
-            if v5p is None and v6e is None:
-                continue
-
-            def where(r):
-                if r is None:
-                    return "not run"
-                if not r.get("fits"):
-                    return "none tried fits"
-                return f"{r['topology']} (fsdp {r['mesh']['fsdp']}, remat {r['remat']})"
-
-            mem = " / ".join(f"{r['peak_bytes_per_chip'] / gib:.1f} GiB" if r and r.get("fits")
-                             else "-" for r in (v5p, v6e))
-            ok = v5p is not None and v5p.get("fits")
-            lines.append(
-                f"| {preset} | {stage} | {where(v5p)} | {where(v6e)} | {mem} | "
-                f"{v5p['step_seconds'] * 1e3:.0f} ms | {100 * v5p['mfu']:.0f}% | "
-                f"{v5p['step_seconds_vs_teacher']:.2f}x |" if ok else
-                f"| {preset} | {stage} | {where(v5p)} | {where(v6e)} | {mem} | - | - | - |")
-    return "\n".join(lines)
+    print(pod_fit_table.format_tables(results, PRESETS, STAGES))
 
 
 if __name__ == "__main__":

@@ -14,15 +14,35 @@ import jax
 
 def cost_analysis(program) -> dict:
     """XLA's cost analysis of a lowered or compiled program as one dict (some versions return a
-    list with one dict per computation, some None)."""
+    list with one dict per computation, some None). A program lowered for devices this host
+    only describes (a TPU topology, for the compile check) is analysed by the host's CPU client:
+    XLA's HLO cost analysis of the unoptimized program, the same on any backend."""
     cost = program.cost_analysis()
+    if cost is None and isinstance(program, jax.stages.Lowered):
+        cost = _host_cost_analysis(program)
     return dict((cost[0] if isinstance(cost, (list, tuple)) else cost) or {})
+
+
+def _host_cost_analysis(lowered):
+    try:
+        from jax._src.lib import _jax
+
+        module = lowered.compiler_ir("hlo").as_hlo_module()
+        return _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    except (ImportError, AttributeError, RuntimeError):   # no CPU backend, or the API moved
+        return None
 
 
 def flops_of(program) -> float:
     """FLOPs of a lowered or compiled program from XLA's cost analysis (NaN where the backend
-    has none)."""
-    return float(cost_analysis(program).get("flops", float("nan")))
+    has none), with the matmul FLOPs of every loop trip after the first added: the analysis
+    counts a loop body (scanned blocks) once (`hlo_loops`)."""
+    from scm_jax import hlo_loops
+
+    flops = float(cost_analysis(program).get("flops", float("nan")))
+    text = (program.as_text(dialect="hlo") if isinstance(program, jax.stages.Lowered)
+            else program.as_text())
+    return flops + hlo_loops.loop_extra_flops(text)["extra_flops"]
 
 
 def median_seconds(fn, calls: int) -> float:

@@ -1,7 +1,9 @@
 """The compile check: the real train step of a stage, built as train.py builds it, compiled by
 the TPU compiler for a v5p slice on this CPU host (libtpu), with per-chip memory, FLOPs and the
 compiler's time estimate; the fused attention kernel follows the mesh's platform (TPU), not the
-host's (CPU)."""
+host's (CPU). A step that cannot fit is an answer (`fits: false`), the mesh is FSDP over all
+chips unless the command line sets one, the compiler's answers are cached, and the README's
+fit-and-speed tables are made from pod_fit's JSON."""
 import json
 import os
 import subprocess
@@ -60,25 +62,123 @@ def test_every_stage_compiles_for_v5p_with_the_tpu_kernel(in512_reports, v5p8, n
     # kernel's attention on top), guided sCD ~ 2 (two teacher forwards).
     bounds = dict(teacher=(1.0, 1.0), sct=(1.2, 1.6), scd=(1.7, 2.5))[name]
     assert bounds[0] <= round(ratio, 6) <= bounds[1], (name, ratio)
+    # The lowered programs' ratio (the report's flops_vs_teacher, no compile) counts before
+    # XLA's optimizations: the JVP's primal and the gradient pass's forward both, the kernel's
+    # attention not at all.
+    lowered_ratio = r["lowered_flops"] / teacher["lowered_flops"]
+    assert 0.8 * ratio <= lowered_ratio <= 2 * ratio, (name, ratio, lowered_ratio)
+    # The arguments' bytes from their shapes and shardings: a lower bound, since TPU layouts
+    # pad arrays to (8, 128) tiles, which more than triples these small networks' vectors.
+    assert 0.25 * r["argument_bytes"] <= r["argument_bytes_from_shapes"] <= r["argument_bytes"]
 
 
-def test_the_command_reports_fit_speed_and_mfu_as_json(tmp_path):
-    out = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "scm_jax.compile",
-           "--config=experiments/imagenet512.py:variant=runlocal,backbone=dit,stage=scd",
-           "--topology=v5p-8", f"--json={out}", "--config.mesh.fsdp=2", "--config.model.remat=block"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+def _command(args, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "scm_jax.compile", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+
+
+def test_the_command_reports_fit_speed_mfu_and_the_teacher_ratio_as_json(tmp_path):
+    """--with_teacher compiles the teacher step too; the user's mesh wins; the second run of
+    the same question takes the compiler's answers from the compile cache."""
+    args = ["--config=experiments/imagenet512.py:variant=runlocal,backbone=dit,stage=scd",
+            "--topology=v5p-8", "--with_teacher", "--config.mesh.fsdp=2",
+            "--config.model.remat=block"]
+    env = dict(SCM_JAX_COMPILE_CACHE_DIR=str(tmp_path / "cache"))
+    reports = []
+    for run in ("first", "second"):
+        out = tmp_path / f"{run}.json"
+        proc = _command(args + [f"--json={out}"], env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports.append(json.loads(out.read_text()))
+    report, again = reports
     for key in ("topology", "chips", "hbm_bytes_per_chip", "peak_bytes_per_chip", "fits",
                 "flops_per_step", "step_seconds", "mfu", "teacher_step_seconds",
-                "teacher_peak_bytes_per_chip", "mesh", "remat", "estimate_above_peak"):
+                "teacher_peak_bytes_per_chip", "mesh", "remat", "estimate_above_peak",
+                "lower_seconds", "compile_seconds", "fit_source", "flops_vs_teacher"):
         assert key in report, key
-    assert report["chips"] == 4 and report["fits"] and report["mesh"] == {"data": 2, "fsdp": 2}
+    assert report["chips"] == 4 and report["fits"] and report["fit_source"] == "compiled"
+    assert report["mesh"] == {"data": 2, "fsdp": 2} and report["mesh_source"] == "config"
     assert report["remat"] == "block" and 0 < report["mfu"] < 1
-    assert report["step_seconds_vs_teacher"] > 1 and "DOES NOT FIT" not in proc.stdout
+    assert report["step_seconds_vs_teacher"] > 1 and report["compiled_flops_vs_teacher"] > 1
+    # From the lowered programs: the same order as the compiled ratio, not the same number.
+    assert 0.5 < report["flops_vs_teacher"] / report["compiled_flops_vs_teacher"] < 2
+    assert report["lower_seconds"] > 0 and report["compile_seconds"] > 0
+    assert report["compile_cache"] == "miss" and again["compile_cache"] == "hit"
+    assert again["cached_compile_seconds"] == pytest.approx(report["compile_seconds"])
+    for key in ("peak_bytes_per_chip", "flops_per_step", "step_seconds", "largest_buffers",
+                "teacher_step_seconds", "step_seconds_vs_teacher"):
+        assert again[key] == report[key], key
+    assert "DOES NOT FIT" not in proc.stdout and "teacher step compiled" in proc.stdout
     assert "MFU" in proc.stdout and "upper bound" in proc.stdout
+
+
+def test_a_step_that_cannot_fit_is_an_answer_with_the_bytes_required(tmp_path):
+    """The stage alone on FSDP over all chips (no mesh given); the compiler's out-of-memory
+    error becomes fits false with its bytes, exit status 0, no traceback."""
+    out = tmp_path / "oom.json"
+    proc = _command(["--config=experiments/digits.py:variant=tiny,stage=sct", "--topology=v5e-4",
+                     "--config.sct.batch_size=1048576", f"--json={out}"],
+                    dict(SCM_JAX_COMPILE_CACHE="0"))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["fits"] is False and r["fit_source"] == "compiler out of memory"
+    assert r["required_bytes_per_chip"] > r["available_bytes_per_chip"] > 15 * cc.GIB
+    assert "RESOURCE_EXHAUSTED" in r["oom_message"] and r["compile_cache"] == "off"
+    assert r["mesh"] == {"data": 1, "fsdp": 4} and r["mesh_source"] == cc.AUTO_MESH
+    # The stage alone: its FLOPs relative to the teacher from the lowered programs, no times.
+    assert r["teacher_stage"] == "teacher" and 1.2 < r["flops_vs_teacher"] < 2.5
+    assert r["teacher_step_seconds"] is None and r["step_seconds_vs_teacher"] is None
+    assert r["step_seconds"] is None and r["peak_bytes_per_chip"] is None
+    assert r["lower_seconds"] > 0 and r["compile_seconds"] > 0
+    assert "DOES NOT FIT: the compiler ran out of memory" in proc.stdout
+
+
+def test_arguments_beyond_hbm_do_not_fit_without_a_compile():
+    config = load_experiment("digits", "variant=tiny,stage=sct", ["model.channels=4096"])
+    r = cc.check(config, "sct", cc.parse_topology("v5e-1"), log=lambda m: None)
+    assert r["fits"] is False and r["fit_source"] == "arguments exceed HBM"
+    assert r["compile_seconds"] == 0 and r["compile_cache"] is None
+    # parameters, Adam's two moments and the EMA in float32: 16 bytes a parameter, > 16 GiB
+    assert r["required_bytes_per_chip"] == r["argument_bytes_from_shapes_per_chip"] > 16 * cc.GIB
+    assert r["available_bytes_per_chip"] == cc.CHIPS["v5e"].hbm_bytes
+    assert r["flops_vs_teacher"] > 1
+
+
+def test_the_mesh_is_fsdp_over_all_chips_unless_the_command_line_sets_one():
+    v5p = cc.parse_topology("v5p-32")
+    assert cc.mesh_overrides(["model.remat=block"], v5p) == (
+        ["model.remat=block", "mesh.data=1", "mesh.fsdp=16"], cc.AUTO_MESH)
+    for given in (["mesh.fsdp=4"], ["mesh.data=2"], [" mesh.data = 16"]):
+        assert cc.mesh_overrides(given, v5p) == (given, "config")
+    overrides, source = cc.mesh_overrides([], cc.parse_topology("v6e-8", num_slices=2))
+    assert overrides == ["mesh.data=2", "mesh.fsdp=8"] and "slices" in source
+
+
+def test_out_of_memory_messages_give_required_and_available_bytes():
+    hlo = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (28.70G) exceeds available HBM (15.75G).")
+    assert cc.out_of_memory(hlo) == dict(required_bytes=round(28.70 * cc.GIB),
+                                         available_bytes=round(15.75 * cc.GIB), message=hlo)
+    used = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+            "space hbm. Used 101.50G of 95.74G hbm. Exceeded hbm capacity by 5.76G. Memory "
+            "usage report: \n  arguments: ...")
+    r = cc.out_of_memory(used)
+    assert (r["required_bytes"], r["available_bytes"]) == (round(101.5 * cc.GIB),
+                                                           round(95.74 * cc.GIB))
+    assert "usage report" not in r["message"]
+    early = ("RESOURCE_EXHAUSTED: Compilation failure: Aborting compilation early because it's "
+             "unlikely to have enough device memory. Requires 40.0GiB, has 15.7GiB available.")
+    assert cc.out_of_memory(early)["required_bytes"] == 40 * cc.GIB
+    assert cc.out_of_memory("INVALID_ARGUMENT: bad shape") is None
+
+
+def test_the_help_lists_the_flags():
+    proc = _command(["--help"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for flag in ("--config", "--topology", "--num_slices", "--with_teacher", "--json",
+                 "--[no]compile_cache"):
+        assert flag in proc.stdout, flag
 
 
 @pytest.mark.parametrize("args,message", [
@@ -87,10 +187,98 @@ def test_the_command_reports_fit_speed_and_mfu_as_json(tmp_path):
     (["--topology=v5p-8", "--config.scd.batch_size=6"], "scd.batch_size = 6"),
 ])
 def test_bad_topologies_meshes_and_batches_are_one_line_errors(args, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "scm_jax.compile",
-         "--config=experiments/imagenet512.py:variant=runlocal,backbone=dit,stage=scd", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = _command(["--config=experiments/imagenet512.py:variant=runlocal,backbone=dit,stage=scd",
+                     *args], timeout=600)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def _pod_fit():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import pod_fit
+    finally:
+        sys.path.pop(0)
+    return pod_fit
+
+
+def test_pod_fit_moves_past_what_does_not_fit_and_resumes(monkeypatch, tmp_path):
+    pod_fit = _pod_fit()
+    calls = []
+
+    def check(config, stage, topology, **kw):
+        calls.append((topology.product, config.model.remat, dict(config.mesh), kw["with_teacher"],
+                      kw["mesh_source"]))
+        fits = topology.product == "v5p-16"
+        return dict(topology=topology.product, remat=config.model.remat, fits=fits,
+                    fit_source="compiled" if fits else "compiler out of memory",
+                    required_bytes_per_chip=(1 if fits else 200) * cc.GIB, lower_seconds=1.0,
+                    compile_seconds=2.0)
+
+    monkeypatch.setattr(pod_fit.cc, "check", check)
+    monkeypatch.setitem(pod_fit.SIZES, "v5p", ["v5p-8", "v5p-16", "v5p-32"])
+    r = pod_fit.fit(os.path.join(REPO, "experiments/digits.py:variant=tiny"), "sct", "v5p",
+                    log=lambda m: None)
+    assert [c[:2] for c in calls] == [("v5p-8", "none"), ("v5p-8", "block"), ("v5p-16", "none")]
+    assert [c[2]["fsdp"] for c in calls] == [4, 4, 8] and calls[-1][2]["data"] == 1
+    assert all(c[3] is True and c[4] == cc.AUTO_MESH for c in calls)
+    assert r["fits"] and r["topology"] == "v5p-16" and len(r["tried"]) == 3
+    assert [t["fit_source"] for t in r["tried"]][:2] == ["compiler out of memory"] * 2
+    # Entries already in the JSON are not asked again.
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({"ddpmpp-cifar10:teacher:v5p": dict(fits=False, tried=[])}))
+    calls.clear()
+    pod_fit.main([f"--json={path}", "--only=ddpmpp-cifar10:teacher", "--platforms=v5p"])
+    assert calls == []
+
+
+def _entry(topology, stage, fits=True, **kw):
+    entry = dict(topology=topology, stage=stage, fits=fits, mesh=dict(data=1, fsdp=4),
+                 remat="none", batch_size=512, peak_bytes_per_chip=7 * cc.GIB,
+                 flops_per_step=2e13, step_seconds=0.088, compute_seconds=0.08,
+                 peak_bf16_flops_per_chip=459e12, mfu=0.38, step_seconds_vs_teacher=1.34,
+                 lower_seconds=3.0, compile_seconds=500.0, compile_cache="miss")
+    return dict(entry, **kw) if fits else dict(
+        fits=False, tried=[dict(topology="v5p-8", remat="none", fits=False),
+                           dict(topology="v5p-1024", remat="block", fits=False)])
+
+
+def test_the_fit_table_is_made_from_the_json_between_the_readme_markers(tmp_path):
+    results = {
+        "ddpmpp-cifar10:teacher:v5p": _entry("v5p-8", "teacher", step_seconds_vs_teacher=1.0),
+        "ddpmpp-cifar10:sct:v5p": _entry("v5p-8", "sct", compile_cache="hit",
+                                         cached_compile_seconds=1081.0, compile_seconds=0.0),
+        "edm2-in512-xxl:scd:v5p": _entry("v5p-8", "scd", fits=False),
+    }
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    readme.write_text("# before\n<!-- pod_fit_table:start -->\nold table\n"
+                      "<!-- pod_fit_table:end -->\nafter\n")
+    script = os.path.join(REPO, "benchmarks", "pod_fit_table.py")
+    for _ in range(2):   # the second run rewrites the same text
+        proc = subprocess.run([sys.executable, script, f"--json={path}", "--write_readme",
+                               f"--readme={readme}"], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    text = readme.read_text()
+    assert text.startswith("# before\n<!-- pod_fit_table:start -->\n") and "old table" not in text
+    assert text.endswith("<!-- pod_fit_table:end -->\nafter\n") and text.count("pod_fit_table") == 2
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| preset"))
+    for column in ("smallest v5p slice (fsdp, remat)", "per-chip memory", "FLOPs/step",
+                   "est. step time", "MFU", "time / teacher", "compile s"):
+        assert column in header, column
+    sct = next(line for line in lines if line.startswith("| ddpmpp-cifar10 | sct"))
+    assert sct == ("| ddpmpp-cifar10 | sct | v5p-8 (fsdp 4, remat none) | 7.0 GiB | 20.0 TFLOP | "
+                   "88 ms | 38% | 1.34x | 1081 |")
+    assert "| edm2-in512-xxl | scd | none fits (tried v5p-8 to v5p-1024) |" in text
+    assert "Not run on v5p" in text and "dit-in512-xl" in text and "**v6e**: not run." in text
+    no_markers = tmp_path / "OTHER.md"
+    no_markers.write_text("nothing here\n")
+    proc = subprocess.run([sys.executable, script, f"--json={path}", "--write_readme",
+                           f"--readme={no_markers}"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "pod_fit_table:start" in errors[0]
+    assert no_markers.read_text() == "nothing here\n"

@@ -1,16 +1,20 @@
 """Self-attention over image positions, with a backend switch.
 
 `attention_impl` names the implementation of softmax(q k^T / sqrt(d)) v:
-- 'xla': plain einsum + softmax. Differentiable in both modes; its JVP stores the N x N scores
-  and their tangents per head (O(N^2) memory).
-- 'pallas': a `jax.custom_jvp` whose primal is XLA attention and whose JVP rule runs the fused
-  forward+JVP Pallas kernel (`scm_jax.kernels.flash_jvp`, sCM App. F), O(N) memory. It is
-  for the tangent pass of the sCM loss only: `jax.grad` would transpose the JVP rule, and a
-  `pallas_call` has no transpose rule, so `objectives.Objective` gives the differentiated
-  network 'xla' whatever the config says.
-- 'auto': 'pallas' on TPU and GPU, 'xla' on CPU (where the kernel only runs in the slow
-  interpreter). The paper configs use it, so the fused kernel is the tangent pass's default on
-  accelerators.
+- 'xla': plain einsum + softmax, in both passes of every step. Differentiable in both modes;
+  its JVP and its VJP store the N x N scores per head (O(N^2) memory).
+- 'pallas' / 'pallas:<backend>': for the sCM tangent pass, a `jax.custom_jvp` whose JVP rule
+  runs the fused forward+JVP Pallas kernel (`scm_jax.kernels.flash_jvp`, sCM App. F), O(N)
+  memory. `jax.grad` must never reach it (a `pallas_call` has no transpose rule), so
+  `objectives.Objective` gives the differentiated network the partner of that kernel
+  (`resolve_attention_impl(..., differentiated=True)`): on TPU and GPU the flash attention
+  JAX ships ('flash:tpu', 'flash:gpu'; `scm_jax.kernels.flash_vjp`, a `custom_vjp`, O(N)
+  memory), in the interpreters (CPU) XLA. The custom_jvp's primal output is computed by that
+  same partner, so XLA computes F^- once for both passes.
+- 'flash:tpu' / 'flash:gpu': the shipped flash attention (reverse mode only); where it cannot
+  take a call (`flash_vjp.unsupported`: short or ragged sequences, masks, dtypes), XLA.
+- 'auto': 'pallas' on TPU and GPU, 'xla' on CPU (where the kernels only run in the slow
+  interpreters). The paper configs use it.
 """
 import functools
 
@@ -21,8 +25,13 @@ from jax.custom_derivatives import SymbolicZero
 
 from scm_jax.errors import ConfigError
 from scm_jax.kernels import flash_jvp as kernel
+from scm_jax.kernels import flash_vjp
 
 ATTENTION_IMPLS = ("xla", "pallas", "auto")
+# The fused JVP kernel's backend on real hardware -> the shipped flash attention of the same
+# platform, which serves the differentiated pass beside it (one-to-one). The interpreters
+# (CPU) have none: XLA serves there.
+FLASH_PARTNERS = {"mosaic_tpu": "tpu", "triton": "gpu"}
 
 
 def dot_product_attention(q, k, v, kv_mask=None):
@@ -48,7 +57,19 @@ def pallas_attention(q, k, v, kv_mask=None, backend=None):
 
     `backend` overrides the kernel backend (`kernel.BACKENDS`; default by platform: TPU ->
     Mosaic, GPU -> Triton, CPU -> interpret mode). Forward mode only: never under `jax.grad`.
+    Its output is `differentiated_forward`'s, with or without a JVP.
     """
+    return differentiated_forward(q, k, v, kv_mask, backend)
+
+
+def differentiated_forward(q, k, v, kv_mask=None, backend=None):
+    """Attention computed as the differentiated pass beside the kernel `backend` computes it
+    (shapes as `dot_product_attention`): the forward of its flash partner (`FLASH_PARTNERS`)
+    where that takes the call, else XLA attention. The tangent pass's primal path (F^-) thus
+    stays the very computation of the gradient pass's forward, and XLA computes it once."""
+    variant = FLASH_PARTNERS.get(backend or kernel.default_backend())
+    if variant is not None and flash_vjp.unsupported(variant, q, k, kv_mask) is None:
+        return flash_vjp.forward_as_differentiated(q, k, v, variant)
     return dot_product_attention(q, k, v, kv_mask)
 
 
@@ -59,10 +80,10 @@ def _pallas_attention_jvp(backend, primals, tangents):
     # keys/values) reach the kernel as None, which drops their matmuls.
     dq, dk, dv = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
     _, do = fused_attention_jvp(q, k, v, dq, dk, dv, kv_mask=kv_mask, backend=backend or None)
-    # The primal output is XLA attention's, the very computation of the differentiated pass:
+    # The primal output is the differentiated pass's own forward (`differentiated_forward`):
     # so the tangent pass's whole primal path (F^-) stays identical to the gradient pass's
     # forward and XLA computes it once for both. The kernel's own O feeds only its dO.
-    return dot_product_attention(q, k, v, kv_mask), do.astype(v.dtype)
+    return differentiated_forward(q, k, v, kv_mask, backend), do.astype(v.dtype)
 
 
 def fused_attention_jvp(q, k, v, dq, dk=None, dv=None, *, kv_mask=None, backend=None):
@@ -71,11 +92,10 @@ def fused_attention_jvp(q, k, v, dq, dk=None, dv=None, *, kv_mask=None, backend=
     Inside `jax.set_mesh(mesh)` (the training step's mesh), the batch is split over every mesh
     axis not already manual; heads stay whole (Mosaic kernels are not auto-partitioned).
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    # Already inside a shard_map over every mesh axis (all Manual): the arrays are local.
-    if mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names):
+    split = flash_vjp.batch_split()
+    if split is None:
         return kernel.attention_jvp(q, k, v, dq, dk, dv, kv_mask=kv_mask, backend=backend)
-    batch_axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    mesh, batch_axes = split
     return kernel.sharded_attention_jvp(q, k, v, dq, dk, dv, mesh=mesh, kv_mask=kv_mask,
                                         batch_axes=batch_axes, head_axis=None, backend=backend)
 
@@ -87,32 +107,52 @@ def attention(q, k, v, *, impl: str = "xla", kv_mask=None):
     -> [B, N, H, D]. Every backbone calls this, never a backend directly, so switching
     `attention_impl` switches every attention layer at once.
     """
+    name, _, arg = check_attention_impl(impl).partition(":")
+    if name == "flash":
+        # XLA where the shipped kernel cannot take the call (`flash_vjp.unsupported` says why).
+        if flash_vjp.unsupported(arg, q, k, kv_mask) is None:
+            return flash_vjp.attention(q, k, v, arg)
+        return dot_product_attention(q, k, v, kv_mask)
     impl = resolve_attention_impl(impl)
     if impl.startswith("pallas"):
         return pallas_attention(q, k, v, kv_mask, impl.partition(":")[2])
     return dot_product_attention(q, k, v, kv_mask)
 
 
-def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
-    """The implementation on `platform` (default: JAX's default backend): 'auto' is 'pallas'
-    on TPU/GPU and 'xla' on CPU, and 'pallas' is pinned to the platform's kernel backend,
-    'pallas:<backend>' (`flash_jvp.BACKENDS`). Resolving for the mesh's platform is what makes
-    a TPU step compiled on a CPU host use the Mosaic kernel."""
-    check_attention_impl(impl)
+def resolve_attention_impl(impl: str, platform: str | None = None, *,
+                           differentiated: bool = False) -> str:
+    """The implementation on `platform` (default: JAX's default backend).
+
+    For the tangent pass (default): 'auto' is 'pallas' on TPU/GPU and 'xla' on CPU; 'pallas'
+    is pinned to the platform's kernel backend, 'pallas:<backend>' (`flash_jvp.BACKENDS`); a
+    'flash:<variant>' names its partner kernel ('flash:tpu' -> 'pallas:mosaic_tpu').
+    differentiated=True gives the network `jax.grad` goes through instead: 'xla' for 'xla', and
+    otherwise the flash partner of that tangent-pass kernel ('pallas:mosaic_tpu' -> 'flash:tpu',
+    'pallas:triton' -> 'flash:gpu'; 'xla' beside an interpreter). Resolving for the mesh's
+    platform is what makes a TPU step compiled on a CPU host use the TPU kernels."""
+    name, _, arg = check_attention_impl(impl).partition(":")
     platform = platform or jax.default_backend()
+    if name == "flash":
+        impl = "pallas:" + next(b for b, v in FLASH_PARTNERS.items() if v == arg)
     if impl == "auto":
         impl = "pallas" if platform in ("tpu", "gpu") else "xla"
     if impl == "pallas":
         impl = f"pallas:{kernel.backend_for_platform(platform)}"
-    return impl
+    if not differentiated or impl == "xla":
+        return impl
+    variant = FLASH_PARTNERS.get(impl.partition(":")[2])
+    return "xla" if variant is None else f"flash:{variant}"
 
 
 def check_attention_impl(impl: str) -> str:
-    """impl is one of ATTENTION_IMPLS or 'pallas:<backend>'; raises ConfigError otherwise."""
-    name, _, backend = impl.partition(":")
-    if impl not in ATTENTION_IMPLS and not (name == "pallas" and backend in kernel.BACKENDS):
-        raise ConfigError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS} "
-                          f"or pallas:<backend> with a backend of {kernel.BACKENDS}")
+    """impl is one of ATTENTION_IMPLS, 'pallas:<backend>' or 'flash:<variant>'; raises
+    ConfigError otherwise."""
+    name, _, arg = impl.partition(":")
+    if impl not in ATTENTION_IMPLS and not (name == "pallas" and arg in kernel.BACKENDS) and not (
+            name == "flash" and arg in flash_vjp.VARIANTS):
+        raise ConfigError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}, "
+                          f"pallas:<backend> with a backend of {kernel.BACKENDS} or "
+                          f"flash:<variant> with a variant of {flash_vjp.VARIANTS}")
     return impl
 
 

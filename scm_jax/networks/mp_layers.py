@@ -50,9 +50,10 @@ def mp_silu(x: jax.Array) -> jax.Array:
     return nn.silu(x) / 0.596
 
 
-# mp_sum(a, b) = ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2) (EDM2 Eq. 88).
+# mp_sum(a, b) = ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2) (EDM2 Eq. 88). The constants are
+# Python floats (weakly typed): a numpy scalar would promote bfloat16 activations to float32.
 def mp_sum(a: jax.Array, b: jax.Array, t: float = 0.5) -> jax.Array:
-    return (a + t * (b - a)) / np.sqrt((1 - t) ** 2 + t ** 2)
+    return (a + t * (b - a)) / float(np.sqrt((1 - t) ** 2 + t ** 2))
 
 
 # mp_cat: concatenation over channels weighted so each part contributes by balance t and the
@@ -60,7 +61,8 @@ def mp_sum(a: jax.Array, b: jax.Array, t: float = 0.5) -> jax.Array:
 def mp_cat(a: jax.Array, b: jax.Array, t: float = 0.5) -> jax.Array:
     na, nb = a.shape[-1], b.shape[-1]
     c = np.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
-    return jnp.concatenate([a * (c / np.sqrt(na) * (1 - t)), b * (c / np.sqrt(nb) * t)], axis=-1)
+    return jnp.concatenate([a * float(c / np.sqrt(na) * (1 - t)),
+                            b * float(c / np.sqrt(nb) * t)], axis=-1)
 
 
 # MP positional features: sqrt(2) [cos(c w_k), sin(c w_k)] has unit RMS like EDM2's MPFourier

@@ -176,11 +176,15 @@ class Objective(abc.ABC):
         with self.model_cfg.unlocked():
             self.model_cfg.attention_impl = resolve_attention_impl(
                 self.model_cfg.attention_impl, platform)
+        # `model_cfg.attention_impl` is the tangent pass's (see `ConsistencyObjective`); the
+        # fused forward+JVP kernel has no transpose rule, so `jax.grad` never meets it: the
+        # differentiated network takes its partner, resolved for the same platform (the
+        # shipped flash attention on TPU/GPU, XLA on CPU or where the config says 'xla').
+        self.differentiated_attention_impl = resolve_attention_impl(
+            self.model_cfg.attention_impl, platform, differentiated=True)
         plain = self.model_cfg.copy_and_resolve_references()
         with plain.unlocked():
-            # `attention_impl` applies to the tangent pass only (see `ConsistencyObjective`):
-            # the fused forward+JVP kernel has no transpose rule, so `jax.grad` never meets it.
-            plain.attention_impl = "xla"
+            plain.attention_impl = self.differentiated_attention_impl
         self.module = build_network(plain, dropout=self.cfg.dropout)
         self.net_train = bind_apply(self.module, train=True)
         eval_fn = bind_apply(self.module, train=False)

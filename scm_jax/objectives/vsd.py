@@ -116,7 +116,8 @@ class AdaptiveVSD(SCM):
         v = self.cfg.vsd
         plain = self.model_cfg.copy_and_resolve_references()
         with plain.unlocked():
-            plain.attention_impl = "xla"   # differentiated (its own loss), so no JVP kernel
+            # Differentiated (its own loss): no JVP kernel, the gradient pass's attention.
+            plain.attention_impl = self.differentiated_attention_impl
         self.fake_module = build_network(plain, dropout=v.fake_dropout)
         self.fake_train = bind_apply(self.fake_module, train=True)
         self.fake_eval = bind_apply(self.fake_module, train=False)

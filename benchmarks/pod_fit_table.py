@@ -1,0 +1,140 @@
+"""The README's fit-and-speed tables, made from `benchmarks/pod_fit.py`'s JSON.
+
+    python benchmarks/pod_fit_table.py --json=benchmarks/results/pod_fit.json [--write_readme]
+        [--readme=README.md]
+
+prints one markdown table per TPU generation (v5p, v6e): for every preset and stage that was
+run, the smallest slice where its step fits (FSDP over every chip, with or without
+rematerialization), the per-chip memory, FLOPs per step per chip, the compiler's estimated
+step time, MFU, the step's estimated time relative to the teacher step of the same network,
+batch and mesh, and the seconds the TPU compiler took; what was not run is listed under the
+table. `--write_readme` puts the tables between the README's `<!-- pod_fit_table:start -->`
+and `<!-- pod_fit_table:end -->` lines, replacing what was there: the tables are only ever
+written by this script.
+"""
+import argparse
+import json
+import os
+import sys
+
+START, END = "<!-- pod_fit_table:start -->", "<!-- pod_fit_table:end -->"
+PLATFORMS = ("v5p", "v6e")
+GIB = 1024 ** 3
+EXIT_USER_ERROR = 2
+
+
+def _compile_seconds(r: dict) -> str:
+    if "lower_seconds" not in r:   # recorded before the stage was compiled alone
+        return f"{r['compile_seconds']:.0f}*"
+    seconds = r.get("cached_compile_seconds") or r["compile_seconds"]
+    return f"{seconds:.0f}"
+
+
+def above_peak(r: dict | None) -> bool:
+    """Whether the compiler's compute estimate implies more than the chip's peak FLOP/s."""
+    if not r or not r.get("fits"):
+        return False
+    return bool(r.get("estimate_above_peak") or r["flops_per_step"]
+                > r["compute_seconds"] * r["peak_bf16_flops_per_chip"])
+
+
+def _row(preset: str, stage: str, r: dict, teacher: dict | None) -> str:
+    if not r.get("fits"):
+        tried = [t["topology"] for t in r.get("tried", []) if "skipped" not in t]
+        where = (f"none fits (tried {tried[0]} to {tried[-1]})" if tried
+                 else "none fits (the parameter state exceeds every slice tried)")
+        return f"| {preset} | {stage} | {where} | - | - | - | - | - | - |"
+    above = above_peak(r)
+    ratio = r.get("step_seconds_vs_teacher")
+    same = teacher and all(teacher.get(k) == r.get(k) for k in ("topology", "remat", "batch_size"))
+    return " | ".join([
+        f"| {preset}", stage,
+        f"{r['topology']} (fsdp {r['mesh']['fsdp']}, remat {r['remat']})",
+        f"{r['peak_bytes_per_chip'] / GIB:.1f} GiB",
+        f"{r['flops_per_step'] / 1e12:.1f} TFLOP",
+        f"{r['step_seconds'] * 1e3:.0f} ms" + ("!" if above else ""),
+        f"{100 * r['mfu']:.0f}%" + ("!" if above else ""),
+        "-" if ratio is None else f"{ratio:.2f}x" + ("!" if above or (same and above_peak(teacher))
+                                                     else ""),
+        _compile_seconds(r) + " |"])
+
+
+def format_tables(results: dict, presets, stages) -> str:
+    """Markdown: per platform, a table of the entries in `results` ('preset:stage:platform' ->
+    pod_fit's entry), rows in the order of `presets` x `stages`, and the list of those not run."""
+    out = []
+    for platform in PLATFORMS:
+        rows, missing = [], []
+        for preset in presets:
+            absent = [s for s in stages if f"{preset}:{s}:{platform}" not in results]
+            missing += [preset] if len(absent) == len(stages) else [f"{preset} {s}" for s in absent]
+            teacher = results.get(f"{preset}:teacher:{platform}")
+            rows += [_row(preset, s, results[f"{preset}:{s}:{platform}"], teacher)
+                     for s in stages if s not in absent]
+        out.append(f"**{platform}**" + ("" if rows else ": not run."))
+        if rows:
+            out += ["", f"| preset | stage | smallest {platform} slice (fsdp, remat) | "
+                    "per-chip memory | FLOPs/step per chip | est. step time | MFU | "
+                    "time / teacher | compile s |", "|---|---|---|---|---|---|---|---|---|",
+                    *rows]
+            if missing:
+                out += ["", f"Not run on {platform} (a preset alone: all its stages): "
+                        + ", ".join(missing) + "."]
+        out.append("")
+    notes = []
+    flat = [r for r in results.values() if isinstance(r, dict)]
+    if any(above_peak(r) for r in flat):
+        notes.append("! the compiler's compute estimate implies more than the chip's peak "
+                     "FLOP/s for the step's FLOPs (this step's, or for the ratio the teacher "
+                     "step's): that time, MFU or ratio is not credible.")
+    if any(r.get("fits") and "lower_seconds" not in r for r in flat):
+        notes.append("\\* seconds of the whole check (the stage's and the teacher's compiles), "
+                     "recorded before each step was compiled alone.")
+    return "\n".join(out + notes).rstrip() + "\n"
+
+
+def replace_between_markers(text: str, tables: str, path: str) -> str:
+    """`text` with what lies between the START and END marker lines replaced by `tables`."""
+    from_, to = text.find(START), text.find(END)
+    if from_ < 0 or to < from_:
+        raise ValueError(f"{path} has no '{START}' line followed by an '{END}' line; add them "
+                         f"around the fit-and-speed table")
+    return text[:from_ + len(START)] + "\n" + tables + text[to:]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, help="pod_fit.py's results")
+    parser.add_argument("--write_readme", action="store_true",
+                        help="replace the tables between the README's markers")
+    parser.add_argument("--readme", default=os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
+    args = parser.parse_args(argv)
+    try:
+        with open(args.json) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read --json={args.json}: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    text = None
+    if args.write_readme:
+        with open(args.readme) as f:
+            text = f.read()
+        try:
+            replace_between_markers(text, "", args.readme)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from pod_fit import PRESETS, STAGES
+
+    tables = format_tables(results, PRESETS, STAGES)
+    print(tables, end="")
+    if text is not None:
+        with open(args.readme, "w") as f:
+            f.write(replace_between_markers(text, tables, args.readme))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
