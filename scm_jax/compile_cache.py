@@ -6,7 +6,9 @@ devices ("PjRtCompiler must be constructed with a Client to call DeserializeLoad
 What the compile check needs from a compile is a few numbers (the memory analysis, the cost
 analysis, the collectives and largest buffers, or the out-of-memory answer), so those are kept:
 one JSON file per program, keyed by a hash of the lowered program's text, the topology, and the
-versions of jax, jaxlib and libtpu and libtpu's flags (LIBTPU_INIT_ARGS).
+versions of jax, jaxlib and libtpu, libtpu's flags (LIBTPU_INIT_ARGS) and the source of the
+package's modules that read the figures out of a compiled program (a change there, e.g. how
+loops are counted, makes every stored answer stale).
 
 On by default in `python -m scm_jax.compile` and `benchmarks/pod_fit.py`, in
 `$SCM_JAX_COMPILE_CACHE_DIR` or else ~/.cache/scm_jax/compile_check; `SCM_JAX_COMPILE_CACHE=0`
@@ -39,9 +41,21 @@ def _version(package: str) -> str:
         return "absent"
 
 
+def _readers_source() -> str:
+    """The source of the modules that turn a compiled program into the stored figures."""
+    from scm_jax import compile as cc, compile_report, hlo_loops, step_cost
+
+    parts = []
+    for module in (cc, compile_report, hlo_loops, step_cost):
+        with open(module.__file__, encoding="utf-8") as f:
+            parts.append(f.read())
+    return "\n".join(parts)
+
+
 def key(lowered, topology) -> str:
     """What the compiler's answer for `lowered` on `topology` depends on, hashed."""
     digest = hashlib.sha256()
+    digest.update(_readers_source().encode())
     for part in (FORMAT, topology.name, topology.num_slices, topology.chip.hbm_bytes,
                  _version("jax"), _version("jaxlib"), _version("libtpu"),
                  os.environ.get("LIBTPU_INIT_ARGS", "")):
