@@ -5,6 +5,7 @@ in the Pallas interpreter, alone and under a mesh), the sCM tangent pass's prima
 that same forward, and `jax.grad` of a whole sCM step with it, compiled for a v5p slice.
 """
 import collections
+import functools
 import os
 import re
 
@@ -138,20 +139,35 @@ def test_tpu_flash_under_a_mesh_runs_per_device(tpu_interpreter):
 
 
 def test_tangent_primal_is_the_gradient_pass_forward(tpu_interpreter, monkeypatch):
-    """The custom_jvp beside the kernel returns its flash partner's forward as its primal (the
-    call the gradient pass makes, residuals and all) and the fused kernel's tangent. On this
-    CPU both run in interpreters: the JVP kernel's interpret backend stands in for Mosaic."""
+    """The custom_jvp beside the kernel returns its flash partner's output as its primal and
+    the fused kernel's tangent; `jax.grad` through that primal (the sCM loss's one forward)
+    runs the partner's fused backward and equals XLA attention's gradient, and never
+    differentiates the kernel. On this CPU both run in interpreters: the JVP kernel's
+    interpret backend stands in for Mosaic."""
     monkeypatch.setitem(attn.FLASH_PARTNERS, "interpret", "tpu")
     q, k, v = _qkv(6, 1, 128, 2, 16)
     dq, dk, dv = _qkv(7, 1, 128, 2, 16)
+    w = _qkv(8, 1, 128, 2, 16)[0]
     fused = lambda q, k, v: attn.pallas_attention(q, k, v, None, "interpret")  # noqa: E731
     jaxpr = str(jax.make_jaxpr(lambda *a: jax.jvp(fused, a[:3], a[3:]))(q, k, v, dq, dk, dv))
-    assert "attention_jvp_mosaic" in jaxpr and "splash_mha_fwd_residuals" in jaxpr
+    assert "attention_jvp_mosaic" in jaxpr and "splash" in jaxpr
     o, do = jax.jvp(fused, (q, k, v), (dq, dk, dv))
     o_ref, do_ref = jax.jvp(attn.dot_product_attention, (q, k, v), (dq, dk, dv))
     np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(do, do_ref, atol=2e-5, rtol=2e-5)
-    np.testing.assert_array_equal(o, flash_vjp.forward_as_differentiated(q, k, v, "tpu"))
+    np.testing.assert_array_equal(o, flash_vjp.attention(q, k, v, "tpu"))
+
+    def loss(attention, q, k, v):
+        # The sCM shape: differentiate the JVP's primal; its tangent only through stop_gradient.
+        o, do = jax.jvp(attention, (q, k, v), (dq, dk, dv))
+        return jnp.sum(o * w) + jnp.sum(jax.lax.stop_gradient(do) * o)
+
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(functools.partial(loss, fused), (0, 1, 2)))(q, k, v))
+    assert "splash_mha_fwd_residuals" in grad_jaxpr and "attention_jvp_mosaic" in grad_jaxpr
+    grads = jax.grad(functools.partial(loss, fused), (0, 1, 2))(q, k, v)
+    grads_ref = jax.grad(functools.partial(loss, attn.dot_product_attention), (0, 1, 2))(q, k, v)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=2e-5)
 
 
 # ---------------------------------------------------------------------------------------------

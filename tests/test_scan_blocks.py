@@ -177,3 +177,56 @@ def test_a_checkpoint_restores_in_the_other_layout(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, convert_like(ema, state.nets["net"].ema),
                  state.nets["net"].ema)
     store.close()
+
+
+def test_scm_loss_evaluates_a_scanned_network_once(pair):
+    """The sCM loss differentiates its tangent JVP's primal (`scm.scm_loss`): the same gradient
+    as the two-pass form (tangent JVP at stop-gradient parameters, then a second forward), and
+    on a scanned network, where XLA cannot merge two loops, the 4/3 FLOP bound of one forward
+    shared between the tangent and gradient passes (sCM Sec. 5.1) plus 10%, where the two-pass
+    form pays a second forward (5/3). FLOPs of the compiled CPU programs, every loop trip
+    counted (`step_cost.flops_of`)."""
+    from scm_jax.networks import bind_apply
+    from scm_jax.objectives.randomness import Randomness
+    from scm_jax.objectives.regression import weighted_regression
+    from scm_jax.objectives.scm import scm_inputs, scm_loss, scm_targets
+    from scm_jax.step_cost import flops_of
+
+    _, _, _, scanned, _, p_scanned, (x0, _, y) = pair
+    net_fn = bind_apply(scanned, train=True)
+    params = {"net": _perturbed(p_scanned, seed=7), "weight": jnp.float32(0.3)}
+    weight_fn = lambda p, t: p * jnp.cos(t)  # noqa: E731
+    rng = Randomness.for_batch(jax.random.PRNGKey(8), x0.shape[0])
+    cond = {"y": y}
+    draw = dict(step=3, sigma_d=0.5, p_mean=-0.4, p_std=1.4, warmup_steps=10)
+    settings = dict(sigma_d=0.5, tangent_c=0.1, tangent_norm="l2")
+
+    def one_pass(params):
+        inputs = scm_inputs(rng, x0, cond, **draw)
+        return scm_loss(params, inputs, net_fn=net_fn, weight_fn=weight_fn, **settings)
+
+    def two_pass(params):
+        targets = scm_targets(rng, x0, cond, net_fn=net_fn, params=params["net"],
+                              p_mean=draw["p_mean"], p_std=draw["p_std"], step=draw["step"],
+                              warmup_steps=draw["warmup_steps"], **settings)
+        return weighted_regression(params, targets, net_fn=net_fn, weight_fn=weight_fn)
+
+    def teacher(params):  # one forward + backward of the same network
+        t = jnp.full(x0.shape[:1], 0.6)
+        return jnp.sum(net_fn(params["net"], x0, t, cond, rng.dropout_key) ** 2)
+
+    (l1, m1), g1 = jax.value_and_grad(one_pass, has_aux=True)(params)
+    (l2, m2), g2 = jax.value_and_grad(two_pass, has_aux=True)(params)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    np.testing.assert_allclose(m1["tangent_norm"], m2["tangent_norm"], rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g2))
+    assert scale > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
+                 g1, g2)
+
+    flops = {name: flops_of(jax.jit(jax.grad(fn, has_aux=fn is not teacher)).lower(params)
+                            .compile())
+             for name, fn in (("one", one_pass), ("two", two_pass), ("teacher", teacher))}
+    one, two = flops["one"] / flops["teacher"], flops["two"] / flops["teacher"]
+    assert one <= 4 / 3 * 1.1, flops
+    assert two > one * 1.1, flops

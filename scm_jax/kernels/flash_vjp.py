@@ -17,9 +17,8 @@ tokens). Not our kernels: we dispatch to
 
 Both are `jax.custom_vjp`s, so `jax.jvp` cannot go through them: the sCM tangent pass keeps
 the fused forward+JVP kernel (`flash_jvp`), whose `custom_jvp` rule takes its primal output
-from `forward_as_differentiated` below: the very call the gradient pass's forward makes, so XLA
-computes it once for both passes (sCM Sec. 5: the JVP's primal is F^-, the same network
-evaluation as the gradient pass's forward).
+from `attention` below; the sCM loss differentiates that primal output (F^-, sCM Sec. 5), so
+one forward serves both passes.
 
 `unsupported` names why a call cannot use the shipped kernel (then XLA attention serves it).
 Mosaic kernels are not auto-partitioned, so under a mesh the call runs in `jax.shard_map` with
@@ -182,14 +181,3 @@ def attention(q, k, v, variant: str):
     spec = P(axes, None, None, None)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                          check_vma=False)(q, k, v)
-
-
-def forward_as_differentiated(q, k, v, variant: str):
-    """`attention`'s output computed exactly as the gradient pass's forward computes it: the
-    custom VJP's forward rule, with its residuals (e.g. the TPU kernel's row logsumexp), of
-    which only the output is used. Two identical calls on identical inputs are one for XLA,
-    so the tangent pass's primal costs nothing beside the gradient pass. Not differentiable
-    (it is the primal output of the tangent pass's `custom_jvp` rule). Shapes as `attention`.
-    """
-    out, _ = jax.vjp(lambda q, k, v: attention(q, k, v, variant), q, k, v)
-    return out

@@ -10,7 +10,8 @@
   (`resolve_attention_impl(..., differentiated=True)`): on TPU and GPU the flash attention
   JAX ships ('flash:tpu', 'flash:gpu'; `scm_jax.kernels.flash_vjp`, a `custom_vjp`, O(N)
   memory), in the interpreters (CPU) XLA. The custom_jvp's primal output is computed by that
-  same partner, so XLA computes F^- once for both passes.
+  partner, differentiably: the sCM loss differentiates the tangent pass's primal output
+  (`objectives.scm.scm_loss`), so one forward serves both passes.
 - 'flash:tpu' / 'flash:gpu': the shipped flash attention (reverse mode only); where it cannot
   take a call (`flash_vjp.unsupported`: short or ragged sequences, masks, dtypes), XLA.
 - 'auto': 'pallas' on TPU and GPU, 'xla' on CPU (where the kernels only run in the slow
@@ -56,20 +57,21 @@ def pallas_attention(q, k, v, kv_mask=None, backend=None):
     """Attention whose JVP is the fused Pallas kernel; shapes as `dot_product_attention`.
 
     `backend` overrides the kernel backend (`kernel.BACKENDS`; default by platform: TPU ->
-    Mosaic, GPU -> Triton, CPU -> interpret mode). Forward mode only: never under `jax.grad`.
-    Its output is `differentiated_forward`'s, with or without a JVP.
+    Mosaic, GPU -> Triton, CPU -> interpret mode). Its output is `differentiated_forward`'s,
+    with or without a JVP. `jax.grad` may differentiate a JVP through it only where the JVP's
+    tangent output is then stop-gradient (sCM's g): the kernel takes stop-gradient inputs.
     """
     return differentiated_forward(q, k, v, kv_mask, backend)
 
 
 def differentiated_forward(q, k, v, kv_mask=None, backend=None):
     """Attention computed as the differentiated pass beside the kernel `backend` computes it
-    (shapes as `dot_product_attention`): the forward of its flash partner (`FLASH_PARTNERS`)
-    where that takes the call, else XLA attention. The tangent pass's primal path (F^-) thus
-    stays the very computation of the gradient pass's forward, and XLA computes it once."""
+    (shapes as `dot_product_attention`): its flash partner (`FLASH_PARTNERS`, a custom VJP)
+    where that takes the call, else XLA attention; reverse-differentiable either way, since
+    the sCM loss is differentiated through the tangent pass's primal (F^-, `objectives.scm`)."""
     variant = FLASH_PARTNERS.get(backend or kernel.default_backend())
     if variant is not None and flash_vjp.unsupported(variant, q, k, kv_mask) is None:
-        return flash_vjp.forward_as_differentiated(q, k, v, variant)
+        return flash_vjp.attention(q, k, v, variant)
     return dot_product_attention(q, k, v, kv_mask)
 
 
@@ -78,11 +80,17 @@ def _pallas_attention_jvp(backend, primals, tangents):
     q, k, v, kv_mask = primals
     # Symbolic zeros (inputs that do not depend on the JVP's input, e.g. constant context
     # keys/values) reach the kernel as None, which drops their matmuls.
-    dq, dk, dv = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
-    _, do = fused_attention_jvp(q, k, v, dq, dk, dv, kv_mask=kv_mask, backend=backend or None)
-    # The primal output is the differentiated pass's own forward (`differentiated_forward`):
-    # so the tangent pass's whole primal path (F^-) stays identical to the gradient pass's
-    # forward and XLA computes it once for both. The kernel's own O feeds only its dO.
+    sg = jax.lax.stop_gradient
+    dq, dk, dv = (None if isinstance(t, SymbolicZero) else sg(t) for t in tangents[:3])
+    # The kernel sees stop-gradient inputs: sCM differentiates its loss through this JVP's
+    # primal output only (the tangent g is stop-gradient, Alg. 1), so a `jax.grad` around the
+    # JVP never differentiates the kernel (the tangent output has no derivative).
+    _, do = fused_attention_jvp(sg(q), sg(k), sg(v), dq, dk, dv, kv_mask=kv_mask,
+                                backend=backend or None)
+    # The primal output is the differentiated pass's attention (`differentiated_forward`,
+    # reverse-differentiable): the gradient pass differentiates this very output, so the
+    # tangent pass's primal (F^-) is the gradient pass's forward, computed once. The kernel's
+    # own O feeds only its dO.
     return differentiated_forward(q, k, v, kv_mask, backend), do.astype(v.dtype)
 
 

@@ -2,10 +2,11 @@
 F_theta (EDM2 App. D; sCM Eq. 8), and the noisy inputs it is evaluated on (Alg. 1 lines 1-3).
 
 An objective's step is two passes (sCM Sec. 5.1, "JVP rearrangement" and Alg. 1):
-1. its `targets(...)`: everything that is not differentiated (t, z, x_t, the teacher, the sCM
-   tangent JVP at stop-gradient parameters), returned as `Targets`;
+1. its `targets(...)`: everything that is not differentiated (t, z, x_t, the teacher, the
+   discrete objective's second evaluation), returned as `Targets`;
 2. `weighted_regression(...)`: F_theta at the same inputs with the same dropout key, and the
-   learned log-weight w_phi(t).
+   learned log-weight w_phi(t). (sCM differentiates through its tangent JVP's primal output
+   instead, `objectives.scm`, and calls `weighted_loss` with that F.)
 
 t, the embedding inputs, g, its norm and the loss are float32 whatever the compute dtype.
 Shapes: x0 [B, H, W, C]; t [B]; cond entries [B].
@@ -72,6 +73,13 @@ def weighted_regression(params, targets: Targets, *, net_fn, weight_fn):
     params: {'net': backbone params, 'weight': w_phi params}.
     """
     F = f32(net_fn(params["net"], targets.x_scaled, targets.t, targets.cond, targets.dropout_key))
+    return weighted_loss(params, F, targets, weight_fn=weight_fn)
+
+
+def weighted_loss(params, F, targets: Targets, *, weight_fn):
+    """`weighted_regression` given F_theta [B,H,W,C] (float32, differentiable) already computed
+    at targets.x_scaled, targets.t: the sCM loss takes F from its tangent pass's primal.
+    Returns (loss, metrics)."""
     if targets.consistency:
         residual = F - jax.lax.stop_gradient(F) - targets.target
     else:

@@ -8,16 +8,22 @@ normalized as g / (||g|| + c), with r = min(1, step / H) the tangent warm-up. dx
 single-sample estimate cos(t) z - sin(t) x0 (sCT, `tangent='data'`) or the teacher's PF-ODE
 sigma_d F_pretrain(x_t/sigma_d, t), guided on IN512 (sCD, `tangent='teacher'`). theta^- is
 stop_gradient(theta), never an EMA.
+
+One network evaluation per sample (`scm_loss`): the JVP's primal output is F_theta itself,
+differentiated, and F^- under stop_gradient. (`scm_targets` is the two-pass form, a JVP at
+stop-gradient parameters before the differentiated forward, kept for aVSD and for a tangent
+pass in its own dtype, `jvp_dtype`.)
 """
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from scm_jax import trigflow
 from scm_jax.objectives.base import check
 from scm_jax.objectives.consistency import (ConsistencyObjective, extend, normalize_tangent,
                                             warmup_ratio)
 from scm_jax.objectives.randomness import Randomness
-from scm_jax.objectives.regression import Targets, bcast, draw_noisy, f32
+from scm_jax.objectives.regression import Targets, bcast, draw_noisy, f32, weighted_loss
 
 TANGENTS = ("data", "teacher")
 PRIOR_WEIGHTINGS = ("paper", "uniform")
@@ -60,24 +66,72 @@ def scm_tangent(net_fn, params, x_t, t, dxdt, cond, dropout_key, *, sigma_d, war
     return F_minus, g
 
 
-def scm_targets(rng: Randomness, x0, cond, *, net_fn, params, step, sigma_d, p_mean, p_std,
-                tangent_c, warmup_steps, tangent_norm="l2", prior_weighting="paper",
-                jvp_rearranged=True, teacher=None) -> Targets:
-    """Targets of sCT (teacher=None: dx/dt = cos t z - sin t x0) or sCD (Alg. 1).
+@struct.dataclass
+class TangentInputs:
+    """What the sCM loss takes besides the parameters; all stop-gradient.
 
-    teacher: a function (x_t, t, cond) -> dx_t/dt for sCD. jvp_rearranged: see `scm_tangent`.
+    x_t: [B,H,W,C]; t: [B]; cond: dict of [B] arrays; dxdt: [B,H,W,C] dx_t/dt (the data
+    estimate, sCT, or the teacher's PF-ODE, sCD); dropout_key: the one key of the step's network
+    evaluation; warmup: [] the tangent warm-up ratio r.
     """
-    k_drop = rng.dropout_key
+
+    x_t: jax.Array
+    t: jax.Array
+    cond: dict
+    dxdt: jax.Array
+    dropout_key: jax.Array
+    warmup: jax.Array
+
+
+def scm_inputs(rng: Randomness, x0, cond, *, step, sigma_d, p_mean, p_std, warmup_steps,
+               teacher=None) -> TangentInputs:
+    """t, x_t and dx_t/dt (Alg. 1 lines 1-4): sCT (teacher=None: dx/dt = cos t z - sin t x0)
+    or sCD (teacher: a function (x_t, t, cond) -> dx_t/dt, guided where the stage is)."""
     t, z, x_t = draw_noisy(rng, x0, sigma_d=sigma_d, p_mean=p_mean, p_std=p_std)
     if teacher is None:
         dxdt = trigflow.velocity_target(x0.astype(jnp.float32), z, t)
     else:
         dxdt = teacher(x_t, t, cond)
-    _, g = scm_tangent(net_fn, jax.lax.stop_gradient(params), x_t, t, dxdt, cond, k_drop,
-                       sigma_d=sigma_d, warmup_ratio=warmup_ratio(step, warmup_steps),
+    return jax.lax.stop_gradient(TangentInputs(x_t, t, cond, dxdt, rng.dropout_key,
+                                               warmup_ratio(step, warmup_steps)))
+
+
+def scm_loss(params, inputs: TangentInputs, *, net_fn, weight_fn, sigma_d, tangent_c,
+             tangent_norm="l2", prior_weighting="paper", jvp_rearranged=True):
+    """The sCM loss (Eq. 8) with one network evaluation: the tangent pass's JVP at the live
+    parameters, whose primal output F_theta(x_t/sigma_d, t) is the differentiated F and, under
+    stop_gradient, F^- (theta^- = stopgrad(theta), Alg. 1), and whose tangent gives g, also
+    stop-gradient. The gradient is that of `scm_targets` + `weighted_regression`; computing F
+    once matters where the network's blocks are scanned (`model.scan_blocks`): XLA merges two
+    identical unrolled forwards, never two loops. Reverse mode through the JVP never
+    differentiates its tangent: the transpose of everything g depends on is dropped as unused
+    (and the fused attention kernel takes stop-gradient inputs). Returns (loss, metrics)."""
+    F, g = scm_tangent(net_fn, params["net"], inputs.x_t, inputs.t, inputs.dxdt, inputs.cond,
+                       inputs.dropout_key, sigma_d=sigma_d, warmup_ratio=inputs.warmup,
+                       prior_weighting=prior_weighting, jvp_rearranged=jvp_rearranged)
+    g = jax.lax.stop_gradient(normalize_tangent(g, kind=tangent_norm, c=tangent_c))
+    targets = Targets(inputs.x_t / sigma_d, inputs.t, inputs.cond, g, inputs.dropout_key,
+                      consistency=True)
+    return weighted_loss(params, F, targets, weight_fn=weight_fn)
+
+
+def scm_targets(rng: Randomness, x0, cond, *, net_fn, params, step, sigma_d, p_mean, p_std,
+                tangent_c, warmup_steps, tangent_norm="l2", prior_weighting="paper",
+                jvp_rearranged=True, teacher=None) -> Targets:
+    """Targets of sCT (teacher=None: dx/dt = cos t z - sin t x0) or sCD (Alg. 1) for
+    `weighted_regression`: the tangent JVP at stop-gradient parameters, apart from the
+    differentiated pass (aVSD's sCM term; `scm_loss` is the one-evaluation form).
+
+    teacher: a function (x_t, t, cond) -> dx_t/dt for sCD. jvp_rearranged: see `scm_tangent`.
+    """
+    inputs = scm_inputs(rng, x0, cond, step=step, sigma_d=sigma_d, p_mean=p_mean, p_std=p_std,
+                        warmup_steps=warmup_steps, teacher=teacher)
+    _, g = scm_tangent(net_fn, jax.lax.stop_gradient(params), inputs.x_t, inputs.t, inputs.dxdt,
+                       cond, inputs.dropout_key, sigma_d=sigma_d, warmup_ratio=inputs.warmup,
                        prior_weighting=prior_weighting, jvp_rearranged=jvp_rearranged)
     g = normalize_tangent(g, kind=tangent_norm, c=tangent_c)
-    return jax.lax.stop_gradient(Targets(x_t / sigma_d, t, cond, g, k_drop, consistency=True))
+    return jax.lax.stop_gradient(Targets(inputs.x_t / sigma_d, inputs.t, cond, g,
+                                         inputs.dropout_key, consistency=True))
 
 
 class SCM(ConsistencyObjective):
@@ -110,9 +164,30 @@ class SCM(ConsistencyObjective):
     def distills(self) -> bool:
         return self.cfg.tangent == "teacher"
 
-    def targets(self, rng, batch, params, step, teacher, teacher_params) -> Targets:
+    @property
+    def shares_primal(self) -> bool:
+        """True when the loss evaluates the network once (`scm_loss`): the tangent pass runs in
+        the model's dtype, so its primal is the differentiated forward. With its own
+        `jvp_dtype` the tangent pass is a second network evaluation (`scm_targets`)."""
+        return (self.cfg.jvp_dtype or self.model_cfg.dtype) == self.model_cfg.dtype
+
+    def targets(self, rng, batch, params, step, teacher, teacher_params):
         velocity = self.teacher_velocity(teacher, teacher_params) if self.distills else None
-        return scm_targets(rng, batch["image"], self.conditioning(rng, batch),
-                           net_fn=self.net_tangent, params=params["net"], step=step,
-                           teacher=velocity, prior_weighting=self.cfg.loss.prior_weighting,
-                           **self.loss_settings())
+        cond = self.conditioning(rng, batch)
+        settings = self.loss_settings()
+        if self.shares_primal:
+            return scm_inputs(rng, batch["image"], cond, step=step, teacher=velocity,
+                              **{k: settings[k] for k in ("sigma_d", "p_mean", "p_std",
+                                                          "warmup_steps")})
+        return scm_targets(rng, batch["image"], cond, net_fn=self.net_tangent,
+                           params=params["net"], step=step, teacher=velocity,
+                           prior_weighting=self.cfg.loss.prior_weighting, **settings)
+
+    def loss(self, params, targets):
+        if not self.shares_primal:
+            return super().loss(params, targets)
+        settings = self.loss_settings()
+        return scm_loss(params, targets, net_fn=self.net_tangent, weight_fn=self.weight_fn,
+                        prior_weighting=self.cfg.loss.prior_weighting,
+                        **{k: settings[k] for k in ("sigma_d", "tangent_c", "tangent_norm",
+                                                    "jvp_rearranged")})
