@@ -25,9 +25,12 @@ CORE = [
 EXTRAS = {
     # libtpu: the TPU compiler, so the tests can compile the Mosaic kernel ahead of time for a
     # real TPU topology on a CPU host (the version jax[tpu] pins for the installed jax).
+    # jax[cuda12] (the CUDA plugin and its CUDA wheels, ~3 GB, no GPU needed): so the tests
+    # compile the Triton kernel and train steps deviceless for H100s (sm_90), at the jax version
+    # the libtpu pin belongs to.
     # nbclient/nbformat/ipykernel: the tests execute notebooks/quickstart.ipynb.
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "libtpu==0.0.42.1", "nbclient>=0.10",
-             "nbformat>=5.9", "ipykernel>=6.29"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "libtpu==0.0.42.1", "jax[cuda12]==0.10.2",
+             "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     # gcsfs: gs:// workdirs and data through etils.epath; google-cloud-storage: TensorBoard on gs://.
     "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
     "gpu": ["jax[cuda12]", "jax-triton>=0.3"],

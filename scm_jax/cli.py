@@ -12,10 +12,13 @@ def one_line(err: BaseException) -> str:
 
 
 def skip_absent_tpu() -> None:
-    """On a machine with neither a TPU nor a GPU, use the CPU without probing for a TPU.
+    """On a machine with neither a TPU nor a GPU, use the CPU without probing for a TPU or GPU.
 
     libtpu (installed by the [test] and [tpu] extras) prints initialization errors ("unexpected
-    worker hostname", ...) when JAX probes for a TPU on a host that has none. The check reads
+    worker hostname", ...) when JAX probes for a TPU on a host that has none, and JAX's CUDA
+    plugin (the [test] and [gpu] extras) a `cuInit` traceback for an absent GPU; it still
+    describes GPUs to compile for (`scm_jax.gpu_nodes`) with the CPU as the platform. Run when
+    the package is imported (`scm_jax/__init__.py`) and again by each command. The check reads
     the PCI bus (Google's vendor id is 0x1ae0) and the NVIDIA / ROCm device files; an explicit
     JAX_PLATFORMS always wins.
     """
@@ -31,4 +34,7 @@ def skip_absent_tpu() -> None:
         return
     import jax
 
-    jax.config.update("jax_platforms", "cpu")
+    try:
+        jax.config.update("jax_platforms", "cpu")
+    except Exception:   # noqa: BLE001 - backends already initialized by the caller: leave them
+        pass

@@ -39,11 +39,31 @@ import math
 import sys
 import time
 
+from scm_jax import gpu_nodes, tpu_slices
 from scm_jax.compile_report import format_report, hlo_breakdown, out_of_memory
-from scm_jax.tpu_slices import (CHIPS, GIB, ICI_BYTES_PER_S, Chip, Topology,  # noqa: F401
-                                parse_topology, topology_devices)
+from scm_jax.tpu_slices import CHIPS, GIB, ICI_BYTES_PER_S, Chip, Topology  # noqa: F401
 
 AUTO_MESH = "auto: fsdp over all chips"
+
+
+def parse_topology(product: str, num_slices: int = 1):
+    """A TPU slice (`tpu_slices.Topology`: v5p-8, v6e-16, ...) or GPU nodes
+    (`gpu_nodes.GpuTopology`: h100-8, h200-8x4, ...) by name (ConfigError if unknown)."""
+    from scm_jax.errors import ConfigError
+
+    if gpu_nodes.is_gpu_product(product):
+        if num_slices != 1:
+            raise ConfigError(f"--num_slices = {num_slices} applies to TPU slices; GPU nodes are "
+                              f"counted in the topology (e.g. h100-8x4: 4 nodes of 8 GPUs)")
+        return gpu_nodes.parse_gpu_topology(product)
+    return tpu_slices.parse_topology(product, num_slices)
+
+
+def topology_devices(topology):
+    """The devices of `topology`, described by libtpu or JAX's CUDA plugin (none attached)."""
+    if topology.platform == "gpu":
+        return gpu_nodes.gpu_devices(topology)
+    return tpu_slices.topology_devices(topology)
 
 
 def auto_mesh(topology: Topology) -> list:
@@ -94,25 +114,38 @@ def lower_stage(config, name: str, mesh) -> dict:
         argument_bytes_from_shapes=argument_bytes(stage))
 
 
-def compile_stage(config, name: str, mesh) -> dict:
+def compile_stage(config, name: str, mesh, topology=None) -> dict:
     """Compiles stage `name`'s step on `mesh`; per-chip memory, FLOPs, estimated seconds."""
     from scm_jax import compile_cache
 
     report = lower_stage(config, name, mesh)
     with compile_cache.without_jax_cache():
         compiled = report["lowered"].compile()
-    return dict(report, **compiled_figures(compiled, mesh))
+    return dict(report, **compiled_figures(compiled, mesh, topology))
 
 
-def compiled_figures(compiled, mesh) -> dict:
-    """Per-chip memory, FLOPs and estimated seconds of a program compiled for `mesh`."""
-    from scm_jax import hlo_loops, step_cost
-
+def _memory(compiled) -> dict:
     memory = compiled.memory_analysis()
-    cost = step_cost.cost_analysis(compiled)
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return dict(
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
+        peak_bytes=int(peak))
+
+
+def compiled_figures(compiled, mesh, topology=None) -> dict:
+    """Per-chip memory, FLOPs and estimated seconds of a program compiled for `mesh` (GPU
+    nodes: `topology`, a `gpu_nodes.GpuTopology`, and the roofline of `gpu_roofline`)."""
+    from scm_jax import gpu_roofline, hlo_loops, step_cost
+
     text = compiled.as_text()
+    if topology is not None and topology.platform == "gpu":
+        figures = gpu_roofline.figures(compiled, topology)
+        return dict(_memory(compiled), **figures, compiled=compiled,
+                    largest_buffers=hlo_breakdown(text)["largest_buffers"])
+    cost = step_cost.cost_analysis(compiled)
     breakdown = hlo_breakdown(text)
     # optimal_seconds counts each operation it cannot estimate (the collectives) as -1 s: take
     # those out, and add the collectives' bytes over the chip's interconnect bandwidth instead.
@@ -131,12 +164,10 @@ def compiled_figures(compiled, mesh) -> dict:
                      ICI_BYTES_PER_S["v5p"])
     communication = sum(breakdown["collective_bytes"].values()) / bandwidth
     return dict(
-        argument_bytes=int(memory.argument_size_in_bytes),
-        output_bytes=int(memory.output_size_in_bytes),
-        temp_bytes=int(memory.temp_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
-        peak_bytes=int(peak), flops=flops, loop_flops_added=loops["extra_flops"],
+        _memory(compiled), flops=flops, loop_flops_added=loops["extra_flops"],
         seconds=compute + communication, compute_seconds=compute,
         communication_seconds=communication, unestimated_ops=unknown, compiled=compiled,
+        time_source="the TPU compiler's estimate (a lower bound) + collectives over ICI",
         **breakdown)
 
 
@@ -153,7 +184,7 @@ def compile_lowered(lowered, mesh, topology: Topology, cache_dir=None) -> dict:
     if stored is not None:
         return dict(stored, compile_cache="hit", compile_seconds=0.0,
                     cached_compile_seconds=stored["compile_seconds"])
-    hbm = topology.chip.hbm_bytes
+    hbm = topology.available_bytes
     start = time.perf_counter()
     try:
         with compile_cache.without_jax_cache():
@@ -167,7 +198,7 @@ def compile_lowered(lowered, mesh, topology: Topology, cache_dir=None) -> dict:
                       oom_message=oom["message"], compile_seconds=time.perf_counter() - start)
     else:
         answer = dict(compile_seconds=time.perf_counter() - start,
-                      **compiled_figures(compiled, mesh))
+                      **compiled_figures(compiled, mesh, topology))
         answer.update(fits=answer["peak_bytes"] <= hbm, fit_source="compiled",
                       required_bytes=answer["peak_bytes"], available_bytes=hbm)
     compile_cache.store(cache_dir, digest, {k: v for k, v in answer.items() if k != "compiled"})
@@ -178,7 +209,7 @@ def examine(config, name: str, mesh, topology: Topology, *, compile=True, cache_
     """Stage `name` lowered on `mesh` and, with `compile`, whether it fits: without a compile
     when its arguments alone exceed the chip's HBM, otherwise by the compiler."""
     report = lower_stage(config, name, mesh)
-    hbm = topology.chip.hbm_bytes
+    hbm = topology.available_bytes
     if not compile:
         return report
     if report["argument_bytes_from_shapes"] > hbm:
@@ -312,7 +343,7 @@ def check(config, name: str, topology: Topology, *, log=print, teacher_cache=Non
         mfu = flops_image * images_per_s / (chips * peak_flops)
     out = dict(
         topology=topology.product, topology_name=topology.name, num_slices=topology.num_slices,
-        chips=chips, hbm_bytes_per_chip=topology.chip.hbm_bytes,
+        platform=topology.platform, chips=chips, hbm_bytes_per_chip=topology.chip.hbm_bytes,
         peak_bf16_flops_per_chip=peak_flops,
         stage=name, objective=report["objective"], batch_size=report["batch_size"],
         microbatches=report["microbatches"], mesh=dict(mesh.shape), mesh_source=mesh_source,
@@ -333,7 +364,11 @@ def check(config, name: str, topology: Topology, *, log=print, teacher_cache=Non
         flops_per_step=report.get("flops"), step_seconds=report.get("seconds"),
         compute_seconds=report.get("compute_seconds"),
         communication_seconds=report.get("communication_seconds"),
+        time_source=report.get("time_source"),
         collective_bytes_per_chip=report.get("collective_bytes"),
+        bytes_accessed_per_chip=report.get("bytes_accessed"),
+        kernel_flops_per_chip=report.get("kernel_flops"),
+        uncounted_kernels=report.get("uncounted_kernels"),
         largest_buffers=report.get("largest_buffers"),
         images_per_second=images_per_s, network_flops_per_image=flops_image, mfu=mfu,
         **_teacher_fields(report, teacher),
@@ -357,8 +392,9 @@ def main(argv=None) -> int:
                         "entries overridden with --config.<key>=<value>. Without "
                         "--config.mesh.data / --config.mesh.fsdp the mesh is FSDP over all chips.")
     flags.DEFINE_string("topology", None, "TPU slice: v5p-N (TensorCores), v5litepod-N / v5e-N "
-                        "or v6e-N (chips).")
-    flags.DEFINE_integer("num_slices", 1, "Slices (multislice over DCN).")
+                        "or v6e-N (chips); or GPU nodes: h100-8, h200-8, h100-8x4 (4 nodes of "
+                        "8), compiled for sm_90 with JAX's CUDA plugin (pip install -e '.[gpu]').")
+    flags.DEFINE_integer("num_slices", 1, "TPU slices (multislice over DCN).")
     flags.DEFINE_bool("with_teacher", False, "Also compile the teacher (diffusion) step of the "
                       "same network, batch and mesh, for the ratio of the estimated step times "
                       "(the FLOP ratio needs no compile and is always reported).")

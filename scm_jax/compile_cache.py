@@ -43,10 +43,10 @@ def _version(package: str) -> str:
 
 def _readers_source() -> str:
     """The source of the modules that turn a compiled program into the stored figures."""
-    from scm_jax import compile as cc, compile_report, hlo_loops, step_cost
+    from scm_jax import compile as cc, compile_report, gpu_roofline, hlo_loops, step_cost
 
     parts = []
-    for module in (cc, compile_report, hlo_loops, step_cost):
+    for module in (cc, compile_report, gpu_roofline, hlo_loops, step_cost):
         with open(module.__file__, encoding="utf-8") as f:
             parts.append(f.read())
     return "\n".join(parts)
@@ -56,9 +56,13 @@ def key(lowered, topology) -> str:
     """What the compiler's answer for `lowered` on `topology` depends on, hashed."""
     digest = hashlib.sha256()
     digest.update(_readers_source().encode())
-    for part in (FORMAT, topology.name, topology.num_slices, topology.chip.hbm_bytes,
-                 _version("jax"), _version("jaxlib"), _version("libtpu"),
-                 os.environ.get("LIBTPU_INIT_ARGS", "")):
+    parts = [FORMAT, topology.name, topology.num_slices, topology.chip.hbm_bytes,
+             _version("jax"), _version("jaxlib"), _version("libtpu"),
+             os.environ.get("LIBTPU_INIT_ARGS", "")]
+    if topology.platform == "gpu":   # the CUDA plugin compiles; the fit is against its limit
+        parts += [_version("jax-cuda12-plugin"), _version("jax-cuda12-pjrt"),
+                  topology.available_bytes, os.environ.get("XLA_FLAGS", "")]
+    for part in parts:
         digest.update(f"{part}\n".encode())
     digest.update(lowered.as_text().encode())
     return digest.hexdigest()

@@ -117,16 +117,20 @@ def _gib(b) -> str:
 
 
 def _memory_line(r: dict) -> str:
+    usable = "HBM"
+    if r.get("platform") == "gpu":
+        usable = (f"usable (JAX's allocator: {_gib(r['hbm_bytes_per_chip'])} x "
+                  f"XLA_PYTHON_CLIENT_MEM_FRACTION)")
     if r["fit_source"] == "compiled":
         return (f"  per chip: arguments {_gib(r['argument_bytes_per_chip'])}, outputs "
                 f"{_gib(r['output_bytes_per_chip'])}, temporaries "
                 f"{_gib(r['temp_bytes_per_chip'])}, donated {_gib(r['alias_bytes_per_chip'])}; total {_gib(r['peak_bytes_per_chip'])}"
-                f" of {_gib(r['hbm_bytes_per_chip'])} HBM: "
+                f" of {_gib(r['available_bytes_per_chip'])} {usable}: "
                 f"{'fits' if r['fits'] else 'DOES NOT FIT'}")
     if r["fit_source"] == "arguments exceed HBM":
         return (f"  DOES NOT FIT: the arguments alone (parameters, optimizer state, EMAs, "
                 f"teacher, batch) take {_gib(r['required_bytes_per_chip'])} per chip of "
-                f"{_gib(r['available_bytes_per_chip'])} HBM (not compiled)")
+                f"{_gib(r['available_bytes_per_chip'])} {usable} (not compiled)")
     return (f"  DOES NOT FIT: the compiler ran out of memory: requires "
             f"{_gib(r['required_bytes_per_chip'])} per chip, "
             f"{_gib(r['available_bytes_per_chip'])} available ({r['oom_message']})")
@@ -148,14 +152,23 @@ def format_report(r: dict) -> str:
         _memory_line(r),
         f"  lowered in {r['lower_seconds']:.1f} s, {compiled}"]
     if r["step_seconds"] is not None:
+        gpu = r.get("platform") == "gpu"
+        compute = ("a roofline of FLOPs and bytes accessed, our estimate: XLA gives no time for "
+                   "GPUs" if gpu else "the compiler's lower bound")
+        link = "NVLink / the network" if gpu else "the interconnect"
         lines.append(
             f"  step: {r['flops_per_step'] / 1e12:.2f} TFLOP per chip, estimated "
-            f"{r['step_seconds'] * 1e3:.1f} ms = compute {r['compute_seconds'] * 1e3:.1f} ms (the "
-            f"compiler's lower bound) + collectives {r['communication_seconds'] * 1e3:.1f} ms "
-            f"(their bytes over the interconnect, no overlap) -> {r['images_per_second']:.0f} "
+            f"{r['step_seconds'] * 1e3:.1f} ms = compute {r['compute_seconds'] * 1e3:.1f} ms "
+            f"({compute}) + collectives {r['communication_seconds'] * 1e3:.1f} ms "
+            f"(their bytes over {link}, no overlap) -> {r['images_per_second']:.0f} "
             f"images/s, MFU {100 * r['mfu']:.1f}% (an upper bound: forward+backward "
             f"{r['network_flops_per_image'] / 1e9:.1f} GFLOP/image, peak "
             f"{r['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip)")
+        if gpu:
+            from scm_jax.gpu_roofline import describe
+
+            lines.append("  " + describe(dict(kernel_flops=r.get("kernel_flops_per_chip"),
+                                              uncounted_kernels=r.get("uncounted_kernels"))))
     if r.get("largest_buffers"):
         lines.append("  largest buffers: " + "; ".join(
             f"{b['bytes'] / 2 ** 20:.0f} MiB {b['op']} ({b['source'][-70:]})"

@@ -13,6 +13,7 @@ differ a little from one compiled on the GPU; memory figures are close, times ar
 XLA at all (the compile check estimates them by a roofline of its own).
 """
 import dataclasses
+import os
 import re
 
 GIB = 1024 ** 3
@@ -56,6 +57,26 @@ class GpuTopology:
     @property
     def name(self) -> str:
         return f"cuda:{self.chip.name}:1x{self.num_slices}x{self.chips}"
+
+    @property
+    def available_bytes(self) -> int:
+        """Device memory a JAX program may use per GPU: the fraction JAX's allocator takes
+        (`XLA_PYTHON_CLIENT_MEM_FRACTION`, 0.75 by default, with or without preallocation)."""
+        return int(self.chip.hbm_bytes * memory_fraction())
+
+
+def memory_fraction() -> float:
+    """JAX's GPU allocator limit as a fraction of device memory (ConfigError if malformed)."""
+    from scm_jax.errors import ConfigError
+
+    text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "").strip() or "0.75"
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r}: expected a number in (0, 1]")
+    return fraction
 
 
 def is_gpu_product(product: str) -> bool:

@@ -84,12 +84,23 @@ def parse(hlo_text: str) -> tuple:
     return computations, entry, shapes
 
 
-def trip_count(condition: list) -> int:
-    """The loop bound in a while condition (`counter < N`): its integer constant, else 1."""
+def trip_count(condition: list, attrs: str = "", computations: dict | None = None) -> int:
+    """A while loop's trip count: the compiler's `known_trip_count` in the while's `attrs`
+    (the GPU compiler writes it), else the bound in its condition (`counter < N`: the integer
+    constant there or in a fusion the condition calls), else 1."""
+    known = re.search(r'"known_trip_count":\s*\{\s*"n":\s*"(\d+)"', attrs)
+    if known:
+        return max(1, int(known.group(1)))
     for instr in condition:
         found = _CONSTANT.search(instr["line"])
         if found:
             return max(1, int(found.group(1)))
+    for instr in condition:
+        for callee in _CALLS.findall(instr["attrs"]):
+            for inner in (computations or {}).get(callee, ()):
+                found = _CONSTANT.search(inner["line"])
+                if found:
+                    return max(1, int(found.group(1)))
     return 1
 
 
@@ -106,7 +117,7 @@ def executions(computations: dict, entry: str) -> tuple:
             if instr["op"] == "while":
                 body = re.search(r"\bbody=%?([\w.\-]+)", instr["attrs"]).group(1)
                 cond = re.search(r"\bcondition=%?([\w.\-]+)", instr["attrs"]).group(1)
-                trips = trip_count(computations.get(cond, ()))
+                trips = trip_count(computations.get(cond, ()), instr["attrs"], computations)
                 visit(body, times * trips, once)
                 visit(cond, times * (trips + 1), once)
                 continue
@@ -180,5 +191,6 @@ def loop_extra_flops(hlo_text: str) -> dict:
             if instr["op"] == "while" and name in runs:
                 body = re.search(r"\bbody=%?([\w.\-]+)", instr["attrs"]).group(1)
                 cond = re.search(r"\bcondition=%?([\w.\-]+)", instr["attrs"]).group(1)
-                loops.append((body, trip_count(computations.get(cond, ()))))
+                loops.append((body, trip_count(computations.get(cond, ()), instr["attrs"],
+                                               computations)))
     return dict(extra_flops=extra, loops=loops, matmul_flops=total)

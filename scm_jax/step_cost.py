@@ -56,11 +56,13 @@ def median_seconds(fn, calls: int) -> float:
     return statistics.median(times)
 
 
-def measure(config, stages, batch: dict, *, calls: int = 10, log=None) -> dict:
+def measure(config, stages, batch: dict, *, calls: int = 10, log=None,
+            keep_compiled: bool = False) -> dict:
     """{stage: {seconds, flops, time_ratio, flops_ratio}} for `stages` of `config` on `batch`
     ({'image': [B, H, W, C], 'label': [B]}); the ratios are to the first stage's step (the
     teacher's, by convention). A distilling stage's teacher is a random teacher EMA of the
-    config's architecture (the cost does not depend on the teacher's values)."""
+    config's architecture (the cost does not depend on the teacher's values). With
+    `keep_compiled`, each row also holds its compiled step (`compiled`)."""
     from scm_jax import objectives
 
     shape = batch["image"].shape[1:]
@@ -76,6 +78,8 @@ def measure(config, stages, batch: dict, *, calls: int = 10, log=None) -> dict:
         compiled = step.lower(state, batch, tparams).compile()
         rows[name] = dict(seconds=median_seconds(lambda: compiled(state, batch, tparams), calls),
                           flops=flops_of(compiled))
+        if keep_compiled:
+            rows[name]["compiled"] = compiled
         if log:
             log(f"{name:8s} median {rows[name]['seconds'] * 1e3:8.1f} ms   "
                 f"{rows[name]['flops'] / 1e9:8.2f} GFLOP")

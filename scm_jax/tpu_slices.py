@@ -37,6 +37,12 @@ class Topology:
     shape: tuple               # chips per torus dimension
     host_bounds: tuple         # chips per host
     num_slices: int = 1
+    platform: str = "tpu"
+
+    @property
+    def available_bytes(self) -> int:
+        """HBM a program may use per chip."""
+        return self.chip.hbm_bytes
 
     @property
     def name(self) -> str:

@@ -1,0 +1,166 @@
+"""The one script to run on a lent GPU: what the CPU host can only compile, measured.
+
+    python benchmarks/gpu_check.py [--out=DIR] [--batch=32] [--calls=10]
+    python benchmarks/gpu_check.py --dry --out=DIR     # the same plumbing on a CPU, tiny sizes
+
+1. The device: kind, memory JAX's allocator may use.
+2. The fused attention-JVP kernel's Triton body on the GPU (until now only interpreted or
+   compiled deviceless): its output and tangent against the float32 reference (`jax.jvp`
+   through XLA attention) for the head dims and key masks the networks use, and its time and
+   peak memory against that XLA JVP in bfloat16 at DiT's ImageNet 512 shape.
+3. Train steps of DiT-S at ImageNet 512 on one GPU (random data of the latent shape): teacher,
+   sCT and guided sCD, each compiled once and timed (median of --calls after a warm-up), with
+   the ratios to the teacher step, the compiled peak memory, and the compile check's roofline
+   estimate for the same compiled program (`scm_jax.gpu_roofline`) against the measured time.
+
+Writes DIR/gpu_check.json (DIR: --out, else $OUT, else the working directory) and prints a
+summary. `--dry` runs everything on the CPU with tiny shapes, the kernel in Triton's
+interpreter and the runlocal DiT, the roofline of an H100: to test the script, not to measure.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+KERNEL_CASES = ((64, False), (128, False), (64, True), (72, True))   # head dim, key mask
+
+
+def device_info(jax) -> dict:
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return dict(platform=device.platform, kind=device.device_kind, count=len(jax.devices()),
+                bytes_limit=(stats or {}).get("bytes_limit"), jax=jax.__version__)
+
+
+def kernel_accuracy(jax, jnp, flash_jvp, backend: str, shape: tuple) -> list:
+    """Max |error| of the kernel's O and dO against the float32 XLA reference."""
+    rows = []
+    b, n, h, _ = shape
+    for d, masked in KERNEL_CASES:
+        keys = jax.random.split(jax.random.PRNGKey(d + masked), 7)
+        q, k, v, dq, dk, dv = (jax.random.normal(key, (b, n, h, d), jnp.float32)
+                               for key in keys[:6])
+        mask = (jax.random.uniform(keys[6], (b, n)) > 0.3).at[:, 0].set(True) if masked else None
+        o, do = jax.jit(lambda *a: flash_jvp.attention_jvp(*a, kv_mask=mask, backend=backend))(
+            q, k, v, dq, dk, dv)
+        ro, rdo = flash_jvp.reference_attention_jvp(q, k, v, dq, dk, dv, kv_mask=mask)
+        rows.append(dict(head_dim=d, masked=masked,
+                         max_err_out=float(jnp.max(jnp.abs(o - ro))),
+                         max_err_tangent=float(jnp.max(jnp.abs(do - rdo))),
+                         tangent_scale=float(jnp.max(jnp.abs(rdo)))))
+    return rows
+
+
+def kernel_speed(jax, jnp, attention_jvp, backend: str, shape: tuple, repeats: int) -> dict:
+    """The fused kernel and `jax.jvp` through XLA attention at `shape`: peak bytes and time."""
+    dtype = jnp.float32 if backend != "triton" else jnp.bfloat16
+    out = {}
+    for impl, fn in (("fused", attention_jvp.fused_fn(backend)), ("xla", attention_jvp.xla_fn)):
+        out[impl] = attention_jvp.measure(fn, shape, dtype, timed=True, repeats=repeats)
+    out["speedup"] = out["xla"]["time_s"] / out["fused"]["time_s"]
+    out["memory_ratio"] = out["xla"]["peak_bytes"] / out["fused"]["peak_bytes"]
+    return dict(shape=list(shape), dtype=np.dtype(dtype).name, **out)
+
+
+def train_steps(jax, config_spec: str, batch: int, calls: int, topology) -> dict:
+    """Teacher, sCT and sCD steps: measured seconds, ratios, memory, the roofline estimate."""
+    from scm_jax import configs, gpu_roofline, step_cost
+
+    stages = ("teacher", "sct", "scd")
+    overrides = [f"{s}.{k}={v}" for s in stages for k, v in (("batch_size", batch),
+                                                             ("dropout", 0.0))]
+    config = configs.load(config_spec, overrides)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from step_cost import synthetic_batch
+
+    rows = step_cost.measure(config, stages, synthetic_batch(config, batch), calls=calls,
+                             keep_compiled=True,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+    out = {}
+    for name, r in rows.items():
+        compiled = r.pop("compiled")
+        memory = compiled.memory_analysis()
+        roof = gpu_roofline.figures(compiled, topology)
+        out[name] = dict(
+            seconds=r["seconds"], time_vs_teacher=r["time_ratio"],
+            peak_bytes=int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                           + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
+            flops=roof["flops"], roofline_seconds=roof["seconds"],
+            measured_vs_roofline=r["seconds"] / roof["seconds"],
+            kernel_flops=roof["kernel_flops"], uncounted_kernels=roof["uncounted_kernels"],
+            achieved_flops_per_s=roof["flops"] / r["seconds"],
+            images_per_s=batch / r["seconds"])
+    for r in out.values():
+        r["flops_vs_teacher"] = r["flops"] / out["teacher"]["flops"]
+    return dict(config=config_spec, batch=batch, calls=calls, stages=out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--batch", type=int, default=32, help="images per train step")
+    parser.add_argument("--calls", type=int, default=10, help="timed calls per measurement")
+    parser.add_argument("--dry", action="store_true",
+                        help="CPU, tiny sizes, interpreted kernel: tests the script only")
+    args = parser.parse_args(argv)
+    if args.dry:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import attention_jvp
+
+    from scm_jax import gpu_nodes
+    from scm_jax.kernels import flash_jvp
+
+    info = device_info(jax)
+    if not args.dry and info["platform"] != "gpu":
+        print(f"error: no GPU here (JAX sees {info['platform']}); --dry tests the script on a "
+              f"CPU", file=sys.stderr)
+        return 2
+    kind = info["kind"].lower()
+    gpu = "h200" if "h200" in kind else "h100"   # the roofline's figures (H100 for other GPUs)
+    topology = gpu_nodes.parse_gpu_topology(f"{gpu}-1")
+    backend = "triton_interpret" if args.dry else "triton"
+    start = time.perf_counter()
+    report = dict(dry=args.dry, device=info, roofline_gpu=topology.chip.name)
+    report["kernel_accuracy"] = kernel_accuracy(jax, jnp, flash_jvp, backend,
+                                                (1, 32, 2, 0) if args.dry else (2, 1024, 4, 0))
+    report["kernel_speed"] = kernel_speed(jax, jnp, attention_jvp, backend,
+                                          (1, 64, 2, 64) if args.dry else (8, 1024, 6, 64),
+                                          2 if args.dry else args.calls)
+    spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "imagenet512.py")
+    report["train_steps"] = train_steps(
+        jax, f"{spec}:variant={'runlocal' if args.dry else 's'},backbone=dit",
+        4 if args.dry else args.batch, 2 if args.dry else args.calls, topology)
+    report["seconds"] = time.perf_counter() - start
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_check.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"device: {info['kind']} x{info['count']}, jax {info['jax']}")
+    for r in report["kernel_accuracy"]:
+        print(f"kernel d={r['head_dim']}{' masked' if r['masked'] else ''}: max |err| O "
+              f"{r['max_err_out']:.2e}, dO {r['max_err_tangent']:.2e} (|dO| <= "
+              f"{r['tangent_scale']:.1f})")
+    s = report["kernel_speed"]
+    print(f"kernel {s['shape']} {s['dtype']}: fused {1e3 * s['fused']['time_s']:.2f} ms, XLA JVP "
+          f"{1e3 * s['xla']['time_s']:.2f} ms (speed-up {s['speedup']:.2f}x), peak memory "
+          f"XLA / fused {s['memory_ratio']:.2f}x")
+    for name, r in report["train_steps"]["stages"].items():
+        print(f"{name:8s} {1e3 * r['seconds']:8.1f} ms ({r['time_vs_teacher']:.2f}x teacher; FLOPs "
+              f"{r['flops_vs_teacher']:.2f}x), {r['peak_bytes'] / 2 ** 30:.2f} GiB, roofline "
+              f"{1e3 * r['roofline_seconds']:.1f} ms (measured / roofline "
+              f"{r['measured_vs_roofline']:.2f}), {r['images_per_s']:.0f} images/s")
+    print(f"wrote {path} ({report['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
