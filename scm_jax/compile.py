@@ -1,4 +1,5 @@
-r"""The real train step compiled for a TPU slice on this (CPU) host: does it fit, how fast.
+r"""The real train step compiled for a TPU slice (or GPU nodes) on this (CPU) host: does it
+fit, how fast.
 
     python -m scm_jax.compile --config=experiments/imagenet512.py:variant=xxl,stage=scd \
         --topology=v5p-128 [--num_slices=1] [--with_teacher] [--json=PATH] \
@@ -34,6 +35,11 @@ MFU = (forward + backward FLOPs of the network per image) x images/s / (chips x 
 
 Topologies: `v5p-N` (N TensorCores, 2 per chip, as Cloud TPU names them), `v5litepod-N` or
 `v5e-N` and `v6e-N` (N chips), each a power of two in the slice sizes Cloud TPU offers.
+
+GPU nodes (`h100-8`, `h200-8`, `h100-8x4`: `scm_jax.gpu_nodes`) are compiled the same way by
+JAX's CUDA plugin for sm_90, deviceless; the fit is against the memory JAX's allocator may take
+(`XLA_PYTHON_CLIENT_MEM_FRACTION` of the GPU's), and since XLA gives no time for GPU programs
+the estimate is a roofline of our own (`scm_jax.gpu_roofline`), labelled so in the report.
 """
 import math
 import sys
@@ -366,6 +372,9 @@ def check(config, name: str, topology: Topology, *, log=print, teacher_cache=Non
         communication_seconds=report.get("communication_seconds"),
         time_source=report.get("time_source"),
         collective_bytes_per_chip=report.get("collective_bytes"),
+        nvlink_bytes_per_chip=report.get("nvlink_bytes"),
+        network_bytes_per_chip=report.get("network_bytes"),
+        collectives_with_unread_groups=report.get("collectives_with_unread_groups"),
         bytes_accessed_per_chip=report.get("bytes_accessed"),
         kernel_flops_per_chip=report.get("kernel_flops"),
         uncounted_kernels=report.get("uncounted_kernels"),

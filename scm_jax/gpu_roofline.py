@@ -24,7 +24,8 @@ accessed / HBM bandwidth) over the whole step (a roofline of the totals, not per
 plus collectives = the bytes each GPU sends in a ring algorithm (all-gather (n-1)/n of the
 result, reduce-scatter (n-1) x the result, all-reduce 2(n-1)/n, all-to-all (n-1)/n,
 collective-permute all of it) over NVLink within a node and over the network between nodes
-(a collective whose groups span nodes), with no overlap.
+(a collective whose groups span nodes; one whose groups it cannot read is counted as over the
+network and reported), with no overlap.
 """
 import json
 import math
@@ -115,7 +116,8 @@ def kernel_cost(instr: dict, computation: str, types: dict) -> tuple:
 
 def replica_groups(attrs: str, devices: int) -> list | None:
     """The device groups of a collective from its `replica_groups=` (explicit `{{0,1},..}`,
-    iota `[G,S]<=[dims]T(perm)`, or `mesh['a'=2,'b'=8] {'b'}`), None if not understood."""
+    iota `[G,S]<=[dims]T(perm)`, or `mesh['a'=2,'b'=8] {'b'}`, optionally with the mesh's
+    devices `device_ids=([dims]T(perm))`), None if not understood."""
     explicit = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", attrs)
     if explicit:
         return [[int(v) for v in g.split(",") if v] for g in re.findall(r"\{([\d,]*)\}",
@@ -127,14 +129,20 @@ def replica_groups(attrs: str, devices: int) -> list | None:
         if iota.group(4):
             ids = ids.transpose([int(v) for v in iota.group(4).split(",")])
         return ids.reshape(int(iota.group(1)), int(iota.group(2))).tolist()
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*(?:,\s*device_ids=\(\[([\d,]+)\]"
+                     r"(?:T\(([\d,]+)\))?\)\s*)?\{([^}]*)\}", attrs)
     if mesh:
         axes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
         names = [a for a, _ in axes]
-        reduced = re.findall(r"'([^']+)'", mesh.group(2))
+        reduced = re.findall(r"'([^']+)'", mesh.group(4))
         if math.prod(int(s) for _, s in axes) != devices or not set(reduced) <= set(names):
             return None
-        ids = np.arange(devices).reshape([int(s) for _, s in axes])
+        ids = np.arange(devices)
+        if mesh.group(2):   # the mesh's devices: an iota reshaped and transposed
+            ids = ids.reshape([int(v) for v in mesh.group(2).split(",")])
+            if mesh.group(3):
+                ids = ids.transpose([int(v) for v in mesh.group(3).split(",")])
+        ids = ids.reshape([int(s) for _, s in axes])
         order = [i for i, a in enumerate(names) if a not in reduced] + [
             names.index(a) for a in reduced]
         size = math.prod(int(axes[names.index(a)][1]) for a in reduced)
@@ -248,7 +256,8 @@ def figures(compiled, topology) -> dict:
         compute_seconds=compute, communication_seconds=communication,
         compute_bound=flops / gpu.peak_bf16_flops >= accessed / gpu.hbm_bytes_per_s,
         nvlink_bytes=comm["nvlink_bytes"], network_bytes=comm["network_bytes"],
-        collective_bytes=comm["by_op"], unestimated_ops=sum(uncounted.values()),
+        collective_bytes=comm["by_op"], collectives_with_unread_groups=comm["unparsed_groups"],
+        unestimated_ops=sum(uncounted.values()),
         time_source="roofline: max(FLOPs / peak, bytes / HBM bandwidth) + collectives over "
                     "NVLink / network (our estimate; XLA gives none for GPUs)")
 

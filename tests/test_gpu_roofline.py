@@ -20,6 +20,10 @@ def test_replica_groups_in_every_format():
                                                                  list(range(8, 16))]
     assert gpu_roofline.replica_groups(mesh % "'axis_0'", 16) == [[i, i + 8] for i in range(8)]
     assert gpu_roofline.replica_groups(mesh % "'axis_0','axis_1'", 16) == [list(range(16))]
+    # The mesh's devices permuted: mesh position (i, j, k) holds device iota[2,8]T(1,0)[j, k].
+    permuted = ("replica_groups=mesh['axis_0'=1,'axis_1'=8,'axis_2'=2], device_ids=([2,8]T(1,0))"
+                " {'axis_1'}, use_global_device_ids=true")
+    assert gpu_roofline.replica_groups(permuted, 16) == [list(range(8)), list(range(8, 16))]
     assert gpu_roofline.replica_groups("channel_id=1", 8) is None
 
 
