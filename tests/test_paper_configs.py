@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from scm_jax import checkpoint as ckpt
+from scm_jax import compile_cache
 from scm_jax import main as scm_main
 from scm_jax import objectives, train
 from scm_jax.data import data_shape
@@ -126,7 +127,11 @@ def test_cifar10_runlocal_trains_its_teacher(mock_tfds, tmp_path):
     # One resolution level: a quarter of the two-level network's compile time; DDPM++'s down-
     # and up-sampling paths are checked in tests/test_ddpmpp_dit.py.
     config.model.channel_mult = (1,)
-    state = _train(config, ("teacher",), tmp_path)["teacher"]
+    # Not through JAX's persistent cache: this scanned DDPM++ step on 8 virtual CPU devices,
+    # loaded back from the cache, deadlocks in an all-reduce (XLA's CPU rendezvous aborts after
+    # 40 s; compiled fresh it runs), so no entry is written that a later run could read.
+    with compile_cache.without_jax_cache():
+        state = _train(config, ("teacher",), tmp_path)["teacher"]
     assert int(state.step) == config.teacher.steps
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.nets))
     resumed = train.train_stage(config, "teacher", str(tmp_path), log=lambda m: None)
