@@ -73,8 +73,7 @@ def train_steps(jax, config_spec: str, batch: int, calls: int, topology) -> dict
     overrides = [f"{s}.{k}={v}" for s in stages for k, v in (("batch_size", batch),
                                                              ("dropout", 0.0))]
     config = configs.load(config_spec, overrides)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from step_cost import synthetic_batch
+    from step_cost import synthetic_batch   # benchmarks/step_cost.py (main put it on the path)
 
     rows = step_cost.measure(config, stages, synthetic_batch(config, batch), calls=calls,
                              keep_compiled=True,

@@ -112,9 +112,6 @@ def main(argv=None):
     p.add_argument("--skip_presets", action="store_true")
     p.add_argument("--skip_features", action="store_true")
     args = p.parse_args(argv)
-    from scm_jax.cli import skip_absent_tpu
-
-    skip_absent_tpu()
     result = dict(device=jax.devices()[0].device_kind, config=args.config, batch=args.batch)
     result["samplers"] = sampler_throughput(args.config, args.batch, args.repeats)
     by = {r["sampler"]: r for r in result["samplers"]}

@@ -17,8 +17,8 @@ def skip_absent_tpu() -> None:
     libtpu (installed by the [test] and [tpu] extras) prints initialization errors ("unexpected
     worker hostname", ...) when JAX probes for a TPU on a host that has none, and JAX's CUDA
     plugin (the [test] and [gpu] extras) a `cuInit` traceback for an absent GPU; it still
-    describes GPUs to compile for (`scm_jax.gpu_nodes`) with the CPU as the platform. Run when
-    the package is imported (`scm_jax/__init__.py`) and again by each command. The check reads
+    describes GPUs to compile for (`scm_jax.gpu_nodes`) with the CPU as the platform. Run once,
+    when the package is imported (`scm_jax/__init__.py`), so every command is covered. The check reads
     the PCI bus (Google's vendor id is 0x1ae0) and the NVIDIA / ROCm device files; an explicit
     JAX_PLATFORMS always wins.
     """

@@ -395,7 +395,7 @@ def main(argv=None) -> int:
 
     from scm_jax import compile_cache, configs
     from scm_jax.errors import UserError
-    from scm_jax.cli import EXIT_USER_ERROR, one_line, skip_absent_tpu
+    from scm_jax.cli import EXIT_USER_ERROR, one_line
 
     flags.DEFINE_string("config", None, "Experiment config: experiments/<name>.py[:arg]; "
                         "entries overridden with --config.<key>=<value>. Without "
@@ -422,7 +422,6 @@ def main(argv=None) -> int:
     except flags.Error as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    skip_absent_tpu()
     try:
         topology = parse_topology(flags.FLAGS.topology, flags.FLAGS.num_slices)
         overrides, mesh_source = mesh_overrides(overrides, topology)

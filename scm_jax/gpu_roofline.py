@@ -34,11 +34,9 @@ import re
 import numpy as np
 
 from scm_jax import hlo_loops
+from scm_jax.compile_report import _DTYPE_BYTES, _SHAPE
 
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
-_TYPED = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _COLLECTIVE_OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                    "collective-permute")
 CONV_TARGETS = ("__cudnn$convForward", "__cudnn$convBiasActivationForward",
@@ -48,7 +46,7 @@ CONV_TARGETS = ("__cudnn$convForward", "__cudnn$convBiasActivationForward",
 def _arrays(type_text: str) -> list:
     """[(dtype, dims)] of the arrays in an HLO type (a tuple lists several)."""
     return [(dtype, tuple(int(d) for d in dims.split(",") if d))
-            for dtype, dims in _TYPED.findall(type_text)]
+            for dtype, dims in _SHAPE.findall(type_text)]
 
 
 def _bytes(arrays) -> int:

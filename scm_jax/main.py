@@ -96,11 +96,10 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
     from scm_jax import configs
-    from scm_jax.cli import EXIT_USER_ERROR, one_line, skip_absent_tpu
+    from scm_jax.cli import EXIT_USER_ERROR, one_line
     from scm_jax.errors import UserError
     from scm_jax.preemption import StageInterrupted
 
-    skip_absent_tpu()
     try:
         if FLAGS.distributed:
             import jax

@@ -133,7 +133,7 @@ def write(config, samples, labels, out: str) -> None:
 def main(argv=None) -> int:
     from absl import flags
 
-    from scm_jax.cli import EXIT_USER_ERROR, one_line, skip_absent_tpu
+    from scm_jax.cli import EXIT_USER_ERROR, one_line
     from scm_jax.errors import UserError
 
     fv = flags.FlagValues()
@@ -160,7 +160,6 @@ def main(argv=None) -> int:
     except flags.Error as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    skip_absent_tpu()
     try:
         if not fv.out.endswith((".png", ".npz")):
             raise ConfigError(f"--out={fv.out!r} is invalid: expected a .png or .npz path")

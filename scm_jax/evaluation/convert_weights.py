@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     """The command; argv as sys.argv (program name first). Returns the exit status."""
     from absl import flags
 
-    from scm_jax.cli import EXIT_USER_ERROR, one_line, skip_absent_tpu
+    from scm_jax.cli import EXIT_USER_ERROR, one_line
     from scm_jax.errors import UserError
 
     # A fresh set of flags per call, so that tests may call main more than once.
@@ -87,7 +87,6 @@ def main(argv=None) -> int:
     except flags.Error as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    skip_absent_tpu()
     network, src, out = fv.network, fv.src, fv.out
     try:
         arrays = convert(network, src, out)

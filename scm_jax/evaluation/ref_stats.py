@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     from absl import flags
 
     from scm_jax import configs
-    from scm_jax.cli import EXIT_USER_ERROR, one_line, skip_absent_tpu
+    from scm_jax.cli import EXIT_USER_ERROR, one_line
     from scm_jax.errors import UserError
 
     fv = flags.FlagValues()
@@ -157,7 +157,6 @@ def main(argv=None) -> int:
     except flags.Error as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    skip_absent_tpu()
     try:
         if fv.distributed:
             jax.distributed.initialize()
