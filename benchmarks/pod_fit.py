@@ -18,7 +18,7 @@ on time) is an upper bound. The compiler's answers are kept on disk (`scm_jax.co
 `--no_compile_cache` turns that off), so a repeated question costs a lowering, not a compile.
 
 Results are written to --json after every entry, and entries already there are skipped, so an
-interrupted run resumes; `benchmarks/pod_fit_table.py` makes the README's tables from it. On a
+interrupted run resumes; `benchmarks/pod_fit_table.py` makes the tables of docs/paper-scale.md from it. On a
 2-core host one compile of a DDPM++ CIFAR-10 step takes 9-18 minutes, a DiT-S step 1-2
 minutes, and an EDM2-XXL sCD step did not finish in 50 minutes.
 """

@@ -1,14 +1,14 @@
-"""The README's fit-and-speed tables, made from `benchmarks/pod_fit.py`'s JSON.
+"""The fit-and-speed tables of docs/paper-scale.md, made from `benchmarks/pod_fit.py`'s JSON.
 
     python benchmarks/pod_fit_table.py --json=benchmarks/results/pod_fit.json [--write_readme]
-        [--readme=README.md]
+        [--readme=docs/paper-scale.md]
 
 prints one markdown table per TPU generation (v5p, v6e): for every preset and stage that was
 run, the smallest slice where its step fits (FSDP over every chip, with or without
 rematerialization), the per-chip memory, FLOPs per step per chip, the compiler's estimated
 step time, MFU, the step's estimated time relative to the teacher step of the same network,
 batch and mesh, and the seconds the TPU compiler took; what was not run is listed under the
-table. `--write_readme` puts the tables between the README's `<!-- pod_fit_table:start -->`
+table. `--write_readme` puts the tables between that page's `<!-- pod_fit_table:start -->`
 and `<!-- pod_fit_table:end -->` lines, replacing what was there: the tables are only ever
 written by this script.
 """
@@ -106,9 +106,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="pod_fit.py's results")
     parser.add_argument("--write_readme", action="store_true",
-                        help="replace the tables between the README's markers")
+                        help="replace the tables between the markers of --readme "
+                        "(default docs/paper-scale.md)")
     parser.add_argument("--readme", default=os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "paper-scale.md"))
     args = parser.parse_args(argv)
     try:
         with open(args.json) as f:

@@ -264,7 +264,7 @@ def _sink(config, rid, eval_dir, sample_dir, labels, primary, batch_size):
 
 
 def format_table(results: dict) -> str:
-    """A markdown table of the results (also pasted into the README)."""
+    """A markdown table of the results (also pasted into docs/results.md)."""
     rows = results["rows"]
     if "small_n" in results:   # digits
         head = (f"| model | NFE | guidance | FD | FD / teacher | FD ({results['small_n']}) | "

@@ -22,7 +22,7 @@ GIB = 1024 ** 3
 @dataclasses.dataclass(frozen=True)
 class Gpu:
     name: str                  # as the CUDA driver reports it
-    hbm_bytes: int             # device memory (JAX preallocates 75% by default: see README)
+    hbm_bytes: int             # device memory (JAX preallocates 75% by default: docs/paper-scale.md)
     peak_bf16_flops: float     # dense tensor-core bf16, per GPU
     hbm_bytes_per_s: float
     nvlink_bytes_per_s: float  # per GPU, one direction, within a node

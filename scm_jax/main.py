@@ -74,7 +74,7 @@ def dry_run(config, *, log=print) -> int:
     paper = config.get("paper_params_m", 0.0)
     if paper:
         line += (f"; the paper's table: {paper}M ({100 * (count / 1e6 / paper - 1):+.1f}%: the "
-                 f"sCM changes, see README 'Parameter counts')")
+                 f"sCM changes, see docs/paper-scale.md 'Parameter counts')")
     log(line)
     return count
 

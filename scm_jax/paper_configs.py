@@ -83,7 +83,7 @@ def _eval(dataset: str, tiny: bool) -> ml_collections.ConfigDict:
     16) and guidance per metric on ImageNet 512 (Table 6: FID best at 1.2-1.5, FD-DINOv2 at
     1.8-2.0), so ImageNet 512 sweeps M in 1..16 and scales 1.2, 1.4, 2.0; the teacher is solved
     in 32 steps (63 evaluations, EDM2's), CIFAR-10's in 18 (35, EDM's). Weights and reference
-    statistics are paths the user sets (README "Evaluating")."""
+    statistics are paths the user sets (docs/evaluation.md)."""
     if tiny:   # the tests' version: a few samples, random-weight networks they write
         return eval_settings.eval_section(
             num_samples=16, batch_size=8, pr_samples=8, in_loop_samples=16, grid_samples=8,
@@ -267,7 +267,7 @@ def cifar10_config(arg: str | None) -> ml_collections.ConfigDict:
         scan_blocks=True, weight_channels=16 if tiny else 128, dtype="float32"))
     data = image_data_config("cifar10", resolution=16 if tiny else 32)
     config = _base(args, data, model, "cifar10")
-    config.paper_params_m = 0.0   # the paper gives no count; EDM's DDPM++ is 55.7M (see README)
+    config.paper_params_m = 0.0   # the paper gives no count; EDM's DDPM++ is 55.7M (see docs/paper-scale.md)
 
     batch = 16 if tiny else 512
     steps, every = _lengths(tiny)

@@ -2,7 +2,7 @@
 the TPU compiler for a v5p slice on this CPU host (libtpu), with per-chip memory, FLOPs and the
 compiler's time estimate; the fused attention kernel follows the mesh's platform (TPU), not the
 host's (CPU). A step that cannot fit is an answer (`fits: false`), the mesh is FSDP over all
-chips unless the command line sets one, the compiler's answers are cached, and the README's
+chips unless the command line sets one, the compiler's answers are cached, and docs/paper-scale.md's
 fit-and-speed tables are made from pod_fit's JSON."""
 import json
 import os

@@ -1,5 +1,5 @@
 """Fault injection: each fault ends in a bit-exact resume or a one-line error naming its cause,
-with no checkpoint lost or poisoned (the README's "What survives what" table).
+with no checkpoint lost or poisoned (docs/running.md's "What survives what" table).
 
 Faults: a learning rate that produces NaN; a teacher with non-finite parameters; flipped bytes,
 a truncated file, a deleted file and garbage metadata in the latest checkpoint (and in every

@@ -6,7 +6,7 @@ against its own teacher's FD.
 The question it answers: is "sCD-2 <= 1.10x and sCT-2 <= 1.5x the teacher's FD" a property of
 the defaults, or of one teacher's and one seed's rounding? (An sCT result that moved 3.5x when
 the teacher was retrained on another machine is what prompted it.) The teacher of a run is
-scored at its longest solver length, as in the README's table.
+scored at its longest solver length, as in the results table (docs/results.md).
 
     python -m scm_jax.studies.robustness --workdir=/tmp/study_robustness --teacher_workdir=DIR
 """
