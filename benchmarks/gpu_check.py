@@ -1,20 +1,27 @@
 """The one script to run on a lent GPU: what the CPU host can only compile, measured.
 
-    python benchmarks/gpu_check.py [--out=DIR] [--batch=32] [--calls=10]
+    python benchmarks/gpu_check.py [--out=DIR] [--batch=32] [--calls=10] [--ns=1024,4096,8192]
+        [--networks=dit-s,edm2-s] [--sample_batch=64]
     python benchmarks/gpu_check.py --dry --out=DIR     # the same plumbing on a CPU, tiny sizes
 
 1. The device: kind, memory JAX's allocator may use.
 2. The fused attention-JVP kernel's Triton body on the GPU (until now only interpreted or
    compiled deviceless): its output and tangent against the float32 reference (`jax.jvp`
-   through XLA attention) for the head dims and key masks the networks use, and its time and
-   peak memory against that XLA JVP in bfloat16 at DiT's ImageNet 512 shape.
-3. Train steps of DiT-S at ImageNet 512 on one GPU (random data of the latent shape): teacher,
-   sCT and guided sCD, each compiled once and timed (median of --calls after a warm-up), with
-   the ratios to the teacher step, the compiled peak memory, and the compile check's roofline
-   estimate for the same compiled program (`scm_jax.gpu_roofline`) against the measured time.
+   through XLA attention) for the head dims and key masks the networks use.
+3. Its time, TFLOP/s and compiled peak memory against that XLA JVP in bfloat16 at sequence
+   lengths --ns (batch 2, 8 heads of 64): the goal is at least 3x faster and 10x less memory at
+   N = 8192. A length where the XLA JVP runs out of memory is recorded as such.
+4. Train steps of DiT-S and EDM2-S at ImageNet 512 on one GPU (random data of the latent
+   shape, --batch images): teacher, sCT and guided sCD, each compiled once and timed (median of
+   --calls after a warm-up), with the ratios to the teacher step, the compiled peak memory, and
+   the compile check's roofline estimate for the same compiled program (`scm_jax.gpu_roofline`)
+   against the measured time (that ratio calibrates the roofline of the compile check).
+5. Sampling throughput of DiT-S (random weights, --sample_batch images): 1 and 2 steps
+   against the teacher's ODE solver at 63 evaluations (`benchmarks/sampling.py`).
 
-Writes DIR/gpu_check.json (DIR: --out, else $OUT, else the working directory) and prints a
-summary. `--dry` runs everything on the CPU with tiny shapes, the kernel in Triton's
+Writes DIR/gpu_check.json after every section (DIR: --out, else $OUT, else the working
+directory), so a run cut short keeps what it measured, and prints a summary. Expected to take
+3-8 minutes on one H100/H200, most of it compiling the six train steps. `--dry` runs everything on the CPU with tiny shapes, the kernel in Triton's
 interpreter and the runlocal DiT, the roofline of an H100: to test the script, not to measure.
 """
 import argparse
@@ -55,13 +62,19 @@ def kernel_accuracy(jax, jnp, flash_jvp, backend: str, shape: tuple) -> list:
 
 
 def kernel_speed(jax, jnp, attention_jvp, backend: str, shape: tuple, repeats: int) -> dict:
-    """The fused kernel and `jax.jvp` through XLA attention at `shape`: peak bytes and time."""
+    """The fused kernel and `jax.jvp` through XLA attention at `shape`: peak bytes, time and
+    TFLOP/s of each; an implementation that fails (e.g. out of memory) is recorded with its
+    error instead."""
     dtype = jnp.float32 if backend != "triton" else jnp.bfloat16
     out = {}
     for impl, fn in (("fused", attention_jvp.fused_fn(backend)), ("xla", attention_jvp.xla_fn)):
-        out[impl] = attention_jvp.measure(fn, shape, dtype, timed=True, repeats=repeats)
-    out["speedup"] = out["xla"]["time_s"] / out["fused"]["time_s"]
-    out["memory_ratio"] = out["xla"]["peak_bytes"] / out["fused"]["peak_bytes"]
+        try:
+            out[impl] = attention_jvp.measure(fn, shape, dtype, timed=True, repeats=repeats)
+        except Exception as err:  # noqa: BLE001 -- recorded: out of memory is an answer here
+            out[impl] = dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    if "time_s" in out["fused"] and "time_s" in out["xla"]:
+        out["speedup"] = out["xla"]["time_s"] / out["fused"]["time_s"]
+        out["memory_ratio"] = out["xla"]["peak_bytes"] / out["fused"]["peak_bytes"]
     return dict(shape=list(shape), dtype=np.dtype(dtype).name, **out)
 
 
@@ -97,14 +110,37 @@ def train_steps(jax, config_spec: str, batch: int, calls: int, topology) -> dict
     return dict(config=config_spec, batch=batch, calls=calls, stages=out)
 
 
+def sampling_throughput(config_spec: str, batch: int, repeats: int) -> dict:
+    """Images/s of 1-step, 2-step and the teacher's NFE-63 ODE solver on one network."""
+    import sampling   # benchmarks/sampling.py
+
+    rows = {r["sampler"]: r for r in sampling.sampler_throughput(config_spec, batch, repeats)}
+    teacher = rows["teacher NFE 63"]["images_per_second"]
+    return dict(config=config_spec, batch=batch, samplers=rows,
+                one_step_vs_teacher=rows["1-step"]["images_per_second"] / teacher,
+                two_step_vs_teacher=rows["2-step"]["images_per_second"] / teacher)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--batch", type=int, default=32, help="images per train step")
     parser.add_argument("--calls", type=int, default=10, help="timed calls per measurement")
+    parser.add_argument("--ns", default="1024,4096,8192",
+                        help="sequence lengths of the kernel's speed and memory")
+    parser.add_argument("--networks", default="dit-s,edm2-s",
+                        help="train steps of these ImageNet 512 networks")
+    parser.add_argument("--sample_batch", type=int, default=64,
+                        help="images per sampling call")
     parser.add_argument("--dry", action="store_true",
                         help="CPU, tiny sizes, interpreted kernel: tests the script only")
     args = parser.parse_args(argv)
+    networks = [n for n in args.networks.split(",") if n]
+    unknown = sorted(set(networks) - {"dit-s", "edm2-s"})
+    if unknown:
+        print(f"error: --networks: unknown {unknown}; expected some of ['dit-s', 'edm2-s']",
+              file=sys.stderr)
+        return 2
     if args.dry:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
@@ -127,36 +163,62 @@ def main(argv=None) -> int:
     backend = "triton_interpret" if args.dry else "triton"
     start = time.perf_counter()
     report = dict(dry=args.dry, device=info, roofline_gpu=topology.chip.name)
-    report["kernel_accuracy"] = kernel_accuracy(jax, jnp, flash_jvp, backend,
-                                                (1, 32, 2, 0) if args.dry else (2, 1024, 4, 0))
-    report["kernel_speed"] = kernel_speed(jax, jnp, attention_jvp, backend,
-                                          (1, 64, 2, 64) if args.dry else (8, 1024, 6, 64),
-                                          2 if args.dry else args.calls)
-    spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "experiments", "imagenet512.py")
-    report["train_steps"] = train_steps(
-        jax, f"{spec}:variant={'runlocal' if args.dry else 's'},backbone=dit",
-        4 if args.dry else args.batch, 2 if args.dry else args.calls, topology)
-    report["seconds"] = time.perf_counter() - start
-
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gpu_check.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+
+    def save():
+        report["seconds"] = time.perf_counter() - start
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    report["kernel_accuracy"] = kernel_accuracy(jax, jnp, flash_jvp, backend,
+                                                (1, 32, 2, 0) if args.dry else (2, 1024, 4, 0))
+    save()
+    ns = [64, 128] if args.dry else [int(n) for n in args.ns.split(",")]
+    report["kernel_speed"] = []
+    for n in ns:
+        report["kernel_speed"].append(kernel_speed(
+            jax, jnp, attention_jvp, backend, (1, n, 2, 64) if args.dry else (2, n, 8, 64),
+            2 if args.dry else args.calls))
+        save()
+    spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "imagenet512.py")
+    specs = {"dit-s": f"{spec}:variant={'runlocal' if args.dry else 's'},backbone=dit",
+             "edm2-s": f"{spec}:variant={'runlocal' if args.dry else 's'}"}
+    report["train_steps"] = {}
+    for name in networks:
+        report["train_steps"][name] = train_steps(
+            jax, specs[name], 4 if args.dry else args.batch, 2 if args.dry else args.calls,
+            topology)
+        save()
+    report["sampling"] = sampling_throughput(specs["dit-s"], 4 if args.dry else args.sample_batch,
+                                             2 if args.dry else 5)
+    save()
+
     print(f"device: {info['kind']} x{info['count']}, jax {info['jax']}")
     for r in report["kernel_accuracy"]:
         print(f"kernel d={r['head_dim']}{' masked' if r['masked'] else ''}: max |err| O "
               f"{r['max_err_out']:.2e}, dO {r['max_err_tangent']:.2e} (|dO| <= "
               f"{r['tangent_scale']:.1f})")
-    s = report["kernel_speed"]
-    print(f"kernel {s['shape']} {s['dtype']}: fused {1e3 * s['fused']['time_s']:.2f} ms, XLA JVP "
-          f"{1e3 * s['xla']['time_s']:.2f} ms (speed-up {s['speedup']:.2f}x), peak memory "
-          f"XLA / fused {s['memory_ratio']:.2f}x")
-    for name, r in report["train_steps"]["stages"].items():
-        print(f"{name:8s} {1e3 * r['seconds']:8.1f} ms ({r['time_vs_teacher']:.2f}x teacher; FLOPs "
-              f"{r['flops_vs_teacher']:.2f}x), {r['peak_bytes'] / 2 ** 30:.2f} GiB, roofline "
-              f"{1e3 * r['roofline_seconds']:.1f} ms (measured / roofline "
-              f"{r['measured_vs_roofline']:.2f}), {r['images_per_s']:.0f} images/s")
+    for s in report["kernel_speed"]:
+        f, x = s["fused"], s["xla"]
+        text = lambda r: (f"{1e3 * r['time_s']:.2f} ms, {r['tflops']:.1f} TFLOP/s, "  # noqa: E731
+                          f"{r['peak_bytes'] / 2 ** 20:.0f} MiB" if "time_s" in r else r["error"])
+        print(f"kernel {s['shape']} {s['dtype']}: fused {text(f)}; XLA JVP {text(x)}"
+              + (f" (speed-up {s['speedup']:.2f}x, memory XLA / fused {s['memory_ratio']:.1f}x)"
+                 if "speedup" in s else ""))
+    for network, steps in report["train_steps"].items():
+        for name, r in steps["stages"].items():
+            print(f"{network} {name:8s} {1e3 * r['seconds']:8.1f} ms ({r['time_vs_teacher']:.2f}x "
+                  f"teacher; FLOPs {r['flops_vs_teacher']:.2f}x), {r['peak_bytes'] / 2 ** 30:.2f} "
+                  f"GiB, roofline {1e3 * r['roofline_seconds']:.1f} ms (measured / roofline "
+                  f"{r['measured_vs_roofline']:.2f}), {r['images_per_s']:.0f} images/s")
+    sampled = report["sampling"]
+    for name, r in sampled["samplers"].items():
+        print(f"sampling {name:15s} {r['images_per_second']:10.1f} images/s")
+    print(f"1-step / teacher NFE-63 images/s: {sampled['one_step_vs_teacher']:.1f}x, 2-step: "
+          f"{sampled['two_step_vs_teacher']:.1f}x")
     print(f"wrote {path} ({report['seconds']:.0f} s)")
     return 0
 

@@ -1,26 +1,31 @@
-"""Fit and speed of every paper preset and stage on TPU slices, from compiles on this CPU host.
+"""Fit and speed of every paper preset and stage on TPU slices and GPU nodes, from compiles on
+this CPU host.
 
-    python benchmarks/pod_fit.py --json=PATH [--only=edm2-in512-xxl:scd,...] [--platforms=v5p,v6e]
+    python benchmarks/pod_fit.py --json=PATH [--only=edm2-in512-xxl:scd,...]
+        [--platforms=v5p,v6e,h100,h200]
         [--attention]   # also the tangent pass with attention_impl 'auto' vs 'xla'
 
 For every preset (cifar10 paper, imagenet64 s..xl, imagenet512 s..xxl, DiT s..xl) and stage
-(teacher, sct, scd) at the paper's global batch, it looks for the smallest v5p and the smallest
-v6e slice (powers of two) on which the step fits, trying FSDP over every chip first without and
-then with rematerialization (`model.remat=block`), and records for that slice what
-`python -m scm_jax.compile --with_teacher` reports (per-chip memory, estimated step time, MFU,
-the step's time and FLOPs relative to the teacher step of the same network, batch and mesh).
-Each try is one compile of the stage alone; a step that does not fit (its arguments alone
-exceed HBM, or the compiler runs out of memory) moves the search on, and the teacher step is
-compiled only beside the setting that fits (once per preset, slice and setting: shared by the
-stages). The search starts from the slice the parameters, their Adam moments and their EMA
-need at least. Every figure is the TPU compiler's; MFU from its time estimate (a lower bound
-on time) is an upper bound. The compiler's answers are kept on disk (`scm_jax.compile_cache`;
-`--no_compile_cache` turns that off), so a repeated question costs a lowering, not a compile.
+(teacher, sct, scd) at the paper's global batch, it looks for the smallest slice of each
+platform (TPU: v5p, v6e, powers of two; GPU: h100, h200, nodes of 8 GPUs, powers of two) on
+which the step fits, trying FSDP over every chip (GPU: over a node's GPUs, data parallel across
+nodes) first without and then with rematerialization (`model.remat=block`), and records for that
+slice what `python -m scm_jax.compile --with_teacher` reports (per-chip memory, estimated step
+time, MFU, the step's time and FLOPs relative to the teacher step of the same network, batch
+and mesh). Each try is one compile of the stage alone; a step that does not fit (its arguments
+alone exceed the memory, or the compiler runs out of it) moves the search on, and the teacher
+step is compiled only beside the setting that fits (once per preset, slice and setting: shared
+by the stages). The search starts from the slice the parameters, their Adam moments and their
+EMA need at least. Every figure is the compiler's: on TPU its time estimate (a lower bound on
+time, so MFU is an upper bound); on GPU memory from XLA's GPU compiler without a device and
+time from the compile check's roofline (`scm_jax.gpu_roofline`, an estimate of our own). The
+compiler's answers are kept on disk (`scm_jax.compile_cache`; `--no_compile_cache` turns that
+off), so a repeated question costs a lowering, not a compile.
 
 Results are written to --json after every entry, and entries already there are skipped, so an
-interrupted run resumes; `benchmarks/pod_fit_table.py` makes the tables of docs/paper-scale.md from it. On a
-2-core host one compile of a DDPM++ CIFAR-10 step takes 9-18 minutes, a DiT-S step 1-2
-minutes, and an EDM2-XXL sCD step did not finish in 50 minutes.
+interrupted run resumes; `benchmarks/pod_fit_table.py` makes the tables of docs/paper-scale.md
+from it. On a 2-core host one TPU compile of a DDPM++ CIFAR-10 step takes 9-18 minutes, a DiT-S
+step 1-2 minutes, an EDM2-XXL sCD step 8 minutes; a GPU compile of an EDM2 step 1-2 minutes.
 """
 import argparse
 import json
@@ -47,7 +52,10 @@ PRESETS = {
 }
 STAGES = ("teacher", "sct", "scd")
 SIZES = {"v5p": [f"v5p-{2 * c}" for c in (4, 8, 16, 32, 64, 128, 256, 512)],
-         "v6e": [f"v6e-{c}" for c in (4, 8, 16, 32, 64, 128, 256)]}
+         "v6e": [f"v6e-{c}" for c in (4, 8, 16, 32, 64, 128, 256)],
+         # GPU nodes of 8: FSDP over a node's GPUs, data parallel across nodes
+         **{gpu: [f"{gpu}-8"] + [f"{gpu}-8x{n}" for n in (2, 4, 8, 16, 32)]
+            for gpu in ("h100", "h200")}}
 SETTINGS = ("none", "block")   # remat, with FSDP over every chip
 # params + Adam's two moments + EMA, float32, per parameter (gradients and activations extra)
 STATE_BYTES_PER_PARAM = 16
@@ -77,10 +85,10 @@ def fit(spec: str, stage: str, platform: str, log, teacher_entry=None, cache_dir
     tried = []
     for product in SIZES[platform]:
         topology = cc.parse_topology(product)
-        if state_bytes / topology.chips > topology.chip.hbm_bytes:
+        if state_bytes / topology.chips > topology.available_bytes:
             tried.append(dict(topology=product, skipped="parameter state alone exceeds HBM"))
             continue
-        if base[stage].batch_size % topology.chips:
+        if base[stage].batch_size % (topology.chips * topology.num_slices):
             tried.append(dict(topology=product, skipped="batch does not divide over the chips"))
             continue
         for remat in SETTINGS:
@@ -185,7 +193,8 @@ def main(argv=None):
                 if key not in results:
                     results[key] = tangent_pass(PRESETS[name], impl, "v5p-128")
                     save()
-    print(pod_fit_table.format_tables(results, PRESETS, STAGES))
+    print(pod_fit_table.format_tables(results, PRESETS, STAGES)
+          + pod_fit_table.format_tables(results, PRESETS, STAGES, pod_fit_table.GPU_PLATFORMS))
 
 
 if __name__ == "__main__":

@@ -3,14 +3,15 @@
     python benchmarks/pod_fit_table.py --json=benchmarks/results/pod_fit.json [--write_readme]
         [--readme=docs/paper-scale.md]
 
-prints one markdown table per TPU generation (v5p, v6e): for every preset and stage that was
-run, the smallest slice where its step fits (FSDP over every chip, with or without
-rematerialization), the per-chip memory, FLOPs per step per chip, the compiler's estimated
-step time, MFU, the step's estimated time relative to the teacher step of the same network,
-batch and mesh, and the seconds the TPU compiler took; what was not run is listed under the
-table. `--write_readme` puts the tables between that page's `<!-- pod_fit_table:start -->`
-and `<!-- pod_fit_table:end -->` lines, replacing what was there: the tables are only ever
-written by this script.
+prints one markdown table per TPU generation (v5p, v6e) and GPU (h100, h200): for every preset
+and stage that was run, the smallest slice (GPU: nodes of 8) where its step fits (FSDP over
+every chip, with or without rematerialization), the per-chip memory, FLOPs per step per chip,
+the estimated step time (TPU: the compiler's; GPU: the compile check's roofline), MFU, the step's estimated time relative to the teacher step of the same network,
+batch and mesh, and the seconds the compiler took; what was not run is listed under the
+table. `--write_readme` puts the TPU tables between that page's `<!-- pod_fit_table:start -->`
+and `<!-- pod_fit_table:end -->` lines and the GPU tables between its
+`<!-- pod_fit_gpu_table:start -->` and `<!-- pod_fit_gpu_table:end -->` lines (where it has
+them), replacing what was there: the tables are only ever written by this script.
 """
 import argparse
 import json
@@ -18,7 +19,9 @@ import os
 import sys
 
 START, END = "<!-- pod_fit_table:start -->", "<!-- pod_fit_table:end -->"
-PLATFORMS = ("v5p", "v6e")
+GPU_START, GPU_END = "<!-- pod_fit_gpu_table:start -->", "<!-- pod_fit_gpu_table:end -->"
+TPU_PLATFORMS = ("v5p", "v6e")
+GPU_PLATFORMS = ("h100", "h200")
 GIB = 1024 ** 3
 EXIT_USER_ERROR = 2
 
@@ -59,11 +62,12 @@ def _row(preset: str, stage: str, r: dict, teacher: dict | None) -> str:
         _compile_seconds(r) + " |"])
 
 
-def format_tables(results: dict, presets, stages) -> str:
+def format_tables(results: dict, presets, stages, platforms=TPU_PLATFORMS) -> str:
     """Markdown: per platform, a table of the entries in `results` ('preset:stage:platform' ->
-    pod_fit's entry), rows in the order of `presets` x `stages`, and the list of those not run."""
+    pod_fit's entry), rows in the order of `presets` x `stages`, and the list of those not run
+    (GPU platforms: a table only where some entry was run, and no list)."""
     out = []
-    for platform in PLATFORMS:
+    for platform in platforms:
         rows, missing = [], []
         for preset in presets:
             absent = [s for s in stages if f"{preset}:{s}:{platform}" not in results]
@@ -71,13 +75,17 @@ def format_tables(results: dict, presets, stages) -> str:
             teacher = results.get(f"{preset}:teacher:{platform}")
             rows += [_row(preset, s, results[f"{preset}:{s}:{platform}"], teacher)
                      for s in stages if s not in absent]
+        gpu = platform in GPU_PLATFORMS
+        if gpu and not rows:
+            continue   # GPU tables only where GPU nodes were run
         out.append(f"**{platform}**" + ("" if rows else ": not run."))
         if rows:
-            out += ["", f"| preset | stage | smallest {platform} slice (fsdp, remat) | "
-                    "per-chip memory | FLOPs/step per chip | est. step time | MFU | "
-                    "time / teacher | compile s |", "|---|---|---|---|---|---|---|---|---|",
-                    *rows]
-            if missing:
+            where, chip, time = (("nodes of 8 GPUs (fsdp, remat)", "per-GPU", "roofline step time")
+                                 if gpu else ("slice (fsdp, remat)", "per-chip", "est. step time"))
+            out += ["", f"| preset | stage | smallest {platform} {where} | {chip} memory | "
+                    f"FLOPs/step per {chip[4:]} | {time} | MFU | time / teacher | compile s |",
+                    "|---|---|---|---|---|---|---|---|---|", *rows]
+            if missing and not gpu:
                 out += ["", f"Not run on {platform} (a preset alone: all its stages): "
                         + ", ".join(missing) + "."]
         out.append("")
@@ -93,13 +101,14 @@ def format_tables(results: dict, presets, stages) -> str:
     return "\n".join(out + notes).rstrip() + "\n"
 
 
-def replace_between_markers(text: str, tables: str, path: str) -> str:
-    """`text` with what lies between the START and END marker lines replaced by `tables`."""
-    from_, to = text.find(START), text.find(END)
+def replace_between_markers(text: str, tables: str, path: str, start: str = START,
+                            end: str = END) -> str:
+    """`text` with what lies between the `start` and `end` marker lines replaced by `tables`."""
+    from_, to = text.find(start), text.find(end)
     if from_ < 0 or to < from_:
-        raise ValueError(f"{path} has no '{START}' line followed by an '{END}' line; add them "
+        raise ValueError(f"{path} has no '{start}' line followed by an '{end}' line; add them "
                          f"around the fit-and-speed table")
-    return text[:from_ + len(START)] + "\n" + tables + text[to:]
+    return text[:from_ + len(start)] + "\n" + tables + text[to:]
 
 
 def main(argv=None) -> int:
@@ -130,10 +139,14 @@ def main(argv=None) -> int:
     from pod_fit import PRESETS, STAGES
 
     tables = format_tables(results, PRESETS, STAGES)
-    print(tables, end="")
+    gpu_tables = format_tables(results, PRESETS, STAGES, GPU_PLATFORMS)
+    print(tables + gpu_tables, end="")
     if text is not None:
+        text = replace_between_markers(text, tables, args.readme)
+        if GPU_START in text:   # the GPU tables, where the page has their markers
+            text = replace_between_markers(text, gpu_tables, args.readme, GPU_START, GPU_END)
         with open(args.readme, "w") as f:
-            f.write(replace_between_markers(text, tables, args.readme))
+            f.write(text)
     return 0
 
 

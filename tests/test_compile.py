@@ -274,6 +274,24 @@ def test_the_fit_table_is_made_from_the_json_between_the_readme_markers(tmp_path
                    "88 ms | 38% | 1.34x | 1081 |")
     assert "| edm2-in512-xxl | scd | none fits (tried v5p-8 to v5p-1024) |" in text
     assert "Not run on v5p" in text and "dit-in512-xl" in text and "**v6e**: not run." in text
+    assert "h100" not in text   # no GPU entries, no GPU markers: no GPU table
+
+    # GPU entries go between the GPU markers, in a table of their own.
+    results["edm2-in512-s:scd:h100"] = _entry("h100-8x2", "scd", mesh=dict(data=2, fsdp=8),
+                                              peak_bytes_per_chip=44 * cc.GIB)
+    path.write_text(json.dumps(results))
+    readme.write_text("<!-- pod_fit_table:start -->\n<!-- pod_fit_table:end -->\nmiddle\n"
+                      "<!-- pod_fit_gpu_table:start -->\nold\n<!-- pod_fit_gpu_table:end -->\n")
+    proc = subprocess.run([sys.executable, script, f"--json={path}", "--write_readme",
+                           f"--readme={readme}"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tpu_part, gpu_part = readme.read_text().split("middle")
+    assert "h100" not in tpu_part and "ddpmpp-cifar10" in tpu_part
+    assert "old" not in gpu_part and "**h100**" in gpu_part and "h200" not in gpu_part
+    assert "smallest h100 nodes of 8 GPUs (fsdp, remat) | per-GPU memory" in gpu_part
+    assert "| edm2-in512-s | scd | h100-8x2 (fsdp 8, remat none) | 44.0 GiB |" in gpu_part
+    assert "Not run" not in gpu_part
     no_markers = tmp_path / "OTHER.md"
     no_markers.write_text("nothing here\n")
     proc = subprocess.run([sys.executable, script, f"--json={path}", "--write_readme",

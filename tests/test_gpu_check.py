@@ -21,13 +21,29 @@ def test_the_dry_run_writes_every_section(tmp_path):
         (64, False), (128, False), (64, True), (72, True)}
     for case in r["kernel_accuracy"]:   # the interpreted kernel against the float32 reference
         assert case["max_err_out"] < 1e-4 and case["max_err_tangent"] < 1e-4, case
-    assert r["kernel_speed"]["fused"]["time_s"] > 0 and r["kernel_speed"]["speedup"] > 0
-    stages = r["train_steps"]["stages"]
-    assert set(stages) == {"teacher", "sct", "scd"}
-    for name, s in stages.items():
-        assert s["seconds"] > 0 and s["roofline_seconds"] > 0 and s["peak_bytes"] > 0, name
-    assert 1.1 < stages["sct"]["flops_vs_teacher"] < 1.6 < stages["scd"]["flops_vs_teacher"]
+    assert [s["shape"][1] for s in r["kernel_speed"]] == [64, 128]
+    for s in r["kernel_speed"]:
+        assert s["fused"]["time_s"] > 0 and s["fused"]["tflops"] > 0 and s["speedup"] > 0, s
+        assert s["memory_ratio"] > 0, s
+    assert set(r["train_steps"]) == {"dit-s", "edm2-s"}
+    for network, steps in r["train_steps"].items():
+        stages = steps["stages"]
+        assert set(stages) == {"teacher", "sct", "scd"}, network
+        for name, s in stages.items():
+            assert s["seconds"] > 0 and s["roofline_seconds"] > 0 and s["peak_bytes"] > 0, name
+        assert 1.1 < stages["sct"]["flops_vs_teacher"] < 1.6 < stages["scd"]["flops_vs_teacher"]
+    sampled = r["sampling"]
+    assert set(sampled["samplers"]) >= {"1-step", "2-step", "teacher NFE 63"}
+    assert sampled["one_step_vs_teacher"] > 1 and sampled["two_step_vs_teacher"] > 1
     assert "wrote" in proc.stdout and "measured / roofline" in proc.stdout
+
+
+def test_an_unknown_network_is_refused_before_anything_runs(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--dry", f"--out={tmp_path}",
+                           "--networks=dit-s,unet9"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "unet9" in proc.stderr and "dit-s" in proc.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
 
 
 def test_without_a_gpu_it_says_so():
