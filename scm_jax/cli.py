@@ -1,14 +1,103 @@
-"""What the command-line entry points share (`main`, `compile`): exit statuses, the one-line
-error, and not probing for a TPU on a machine without one."""
+"""What the command-line entry points share: flags parsed with the `--config.<key>=<value>`
+overrides set aside, `--help` listing each flag on one line, errors as one line with exit
+status 2, the optional `jax.distributed` start, and not probing for a TPU on a machine without
+one.
+
+    def define(fv):                       # the command's own flags, on its own FlagValues
+        flags.DEFINE_string("out", None, "where to write", flag_values=fv)
+    def body(fv, overrides):              # the work; a UserError becomes 'error: ...', exit 2
+        config = cli.load_config(fv, overrides)
+        ...
+    sys.exit(cli.run_command(__doc__, define, body))
+"""
 import glob
 import os
+import sys
 
 EXIT_USER_ERROR = 2   # a known failure: bad config, missing input, mismatched checkpoint
+
+
+HELP_ARGUMENTS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
 
 def one_line(err: BaseException) -> str:
     """The error's message on one line."""
     return " ".join(str(err).splitlines())
+
+
+def print_error(err: BaseException | str) -> None:
+    """`error: <message on one line>` on stderr."""
+    print(f"error: {one_line(err) if isinstance(err, BaseException) else err}", file=sys.stderr,
+          flush=True)
+
+
+def flag_help(fv) -> str:
+    """One line per flag of `fv` (an absl FlagValues): name, help, default."""
+    lines = []
+    for name in sorted(fv):
+        flag = fv[name]
+        if flag.name != name:   # a short alias
+            continue
+        default = "" if flag.default in (None, "") else f" (default: {flag.default_as_str})"
+        shown = f"[no]{name}" if flag.boolean else name
+        lines.append(f"  --{shown}: {' '.join(flag.help.split())}{default}")
+    return "\n".join(lines)
+
+
+def define_config_flags(fv, *, config_help: str = "experiments/<name>.py[:arg]; entries "
+                        "overridden with --config.<key>=<value>", distributed: bool = True) -> None:
+    """--config (required) and, with `distributed`, --distributed on `fv`."""
+    from absl import flags
+
+    flags.DEFINE_string("config", None, config_help, flag_values=fv)
+    flags.mark_flag_as_required("config", flag_values=fv)
+    if distributed:
+        flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first "
+                          "(multi-process runs; peers found on TPU VMs and SLURM)", flag_values=fv)
+
+
+def load_config(fv, overrides, *, validate: bool = True):
+    """jax.distributed started when --distributed is set, then `configs.load(--config,
+    overrides)` (validated unless `validate` is false)."""
+    from scm_jax import configs
+
+    if "distributed" in fv and fv.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    config = configs.load(fv.config, overrides)
+    if validate:
+        configs.validate(config)
+    return config
+
+
+def run_command(doc: str, define, body, argv=None) -> int:
+    """Runs a command: `define(fv)` declares its flags on a fresh FlagValues; argv (sys.argv by
+    default, program name first) is parsed with every --config.<key>[=<value>] set aside;
+    `--help` (or -h, --helpshort, --helpfull) prints `doc` and the flags, one line each, and
+    returns 0; a bad flag or a `UserError` from `body(fv, overrides)` prints one line and
+    returns 2; otherwise `body`'s return value (None means 0)."""
+    from absl import flags
+
+    from scm_jax.configs import split_overrides
+    from scm_jax.errors import UserError
+
+    fv = flags.FlagValues()
+    define(fv)
+    overrides, rest = split_overrides(sys.argv if argv is None else argv)
+    if any(arg in HELP_ARGUMENTS for arg in rest[1:]):
+        print(doc.strip() + "\n\nFlags:\n" + flag_help(fv), flush=True)
+        return 0
+    try:
+        fv(rest)
+    except flags.Error as err:
+        print_error(f"{one_line(err)} (--help lists the flags)")
+        return EXIT_USER_ERROR
+    try:
+        return body(fv, overrides) or 0
+    except UserError as err:
+        print_error(err)
+        return EXIT_USER_ERROR
 
 
 def skip_absent_tpu() -> None:

@@ -267,10 +267,10 @@ def teacher_figures(config, name: str, topology: Topology, mesh, report: dict, *
     (None if the config has no diffusion stage). `report` is stage `name`'s `examine`.
     `teacher_cache` (a dict kept by the caller) reuses these across stages with the same batch,
     mesh and model (one compile of a large step on a CPU host takes many minutes)."""
-    from scm_jax import configs
+    from scm_jax import configs, objectives, sampling
 
     teacher_name = next((s for s in configs.training_stages(config)
-                         if config[s].objective == "diffusion"), None)
+                         if sampling.solves_ode(objectives.get(config[s].objective))), None)
     if teacher_name is None:
         return None
     cache = {} if teacher_cache is None else teacher_cache
@@ -390,53 +390,48 @@ def check(config, name: str, topology: Topology, *, log=print, teacher_cache=Non
     return out
 
 
-def main(argv=None) -> int:
+def _define_flags(fv) -> None:
     from absl import flags
 
-    from scm_jax import compile_cache, configs
-    from scm_jax.errors import UserError
-    from scm_jax.cli import EXIT_USER_ERROR, one_line
+    from scm_jax import cli
 
-    flags.DEFINE_string("config", None, "Experiment config: experiments/<name>.py[:arg]; "
-                        "entries overridden with --config.<key>=<value>. Without "
-                        "--config.mesh.data / --config.mesh.fsdp the mesh is FSDP over all chips.")
+    cli.define_config_flags(fv, distributed=False, config_help=(
+        "experiments/<name>.py[:arg]; entries overridden with --config.<key>=<value>. Without "
+        "--config.mesh.data / --config.mesh.fsdp the mesh is FSDP over all chips."))
     flags.DEFINE_string("topology", None, "TPU slice: v5p-N (TensorCores), v5litepod-N / v5e-N "
                         "or v6e-N (chips); or GPU nodes: h100-8, h200-8, h100-8x4 (4 nodes of "
-                        "8), compiled for sm_90 with JAX's CUDA plugin (pip install -e '.[gpu]').")
-    flags.DEFINE_integer("num_slices", 1, "TPU slices (multislice over DCN).")
+                        "8), compiled for sm_90 with JAX's CUDA plugin (pip install -e '.[gpu]').",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_slices", 1, "TPU slices (multislice over DCN).", flag_values=fv)
     flags.DEFINE_bool("with_teacher", False, "Also compile the teacher (diffusion) step of the "
                       "same network, batch and mesh, for the ratio of the estimated step times "
-                      "(the FLOP ratio needs no compile and is always reported).")
+                      "(the FLOP ratio needs no compile and is always reported).", flag_values=fv)
     flags.DEFINE_bool("compile_cache", True, "Keep the compiler's answers and reuse them for the "
                       "same program (in $SCM_JAX_COMPILE_CACHE_DIR, default "
-                      "~/.cache/scm_jax/compile_check); --nocompile_cache compiles anew.")
-    flags.DEFINE_string("json", "", "Write the report as JSON here.")
-    flags.mark_flags_as_required(["config", "topology"])
-    argv = sys.argv if argv is None else argv
-    overrides, rest = configs.split_overrides(argv)
-    if any(arg in ("--help", "-h", "--helpfull", "--helpshort", "-?") for arg in rest[1:]):
-        print(__doc__.strip() + "\n\nFlags:\n" + flags.FLAGS.main_module_help())
-        return 0
-    try:
-        flags.FLAGS(rest)
-    except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    try:
-        topology = parse_topology(flags.FLAGS.topology, flags.FLAGS.num_slices)
-        overrides, mesh_source = mesh_overrides(overrides, topology)
-        config = configs.load(flags.FLAGS.config, overrides)
-        report = check(config, config.stage, topology, log=lambda m: print(m, flush=True),
-                       with_teacher=flags.FLAGS.with_teacher, mesh_source=mesh_source,
-                       cache_dir=compile_cache.directory(flags.FLAGS.compile_cache))
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    if flags.FLAGS.json:
-        from scm_jax import files
+                      "~/.cache/scm_jax/compile_check); --nocompile_cache compiles anew.",
+                      flag_values=fv)
+    flags.DEFINE_string("json", "", "Write the report as JSON here.", flag_values=fv)
+    flags.mark_flag_as_required("topology", flag_values=fv)
 
-        files.write_json(flags.FLAGS.json, report)
-    return 0
+
+def _run(fv, overrides) -> None:
+    from scm_jax import compile_cache, configs, files
+
+    topology = parse_topology(fv.topology, fv.num_slices)
+    overrides, mesh_source = mesh_overrides(overrides, topology)
+    config = configs.load(fv.config, overrides)
+    report = check(config, config.stage, topology, log=lambda m: print(m, flush=True),
+                   with_teacher=fv.with_teacher, mesh_source=mesh_source,
+                   cache_dir=compile_cache.directory(fv.compile_cache))
+    if fv.json:
+        files.write_json(fv.json, report)
+
+
+def main(argv=None) -> int:
+    """The command; argv as sys.argv (program name first). Returns the exit status."""
+    from scm_jax import cli
+
+    return cli.run_command(__doc__, _define_flags, _run, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from scm_jax import checkpoint as ckpt
-from scm_jax import configs, files, objectives, sampling, sharding
+from scm_jax import cli, configs, files, objectives, sampling, sharding
 from scm_jax.data import data_shape
 from scm_jax.errors import ConfigError
 
@@ -34,9 +34,7 @@ def method_for(objective, steps: int, *, t_mid: float = sampling.T_MID, solver: 
     diffusion model)."""
     if steps < 1:
         raise ConfigError(f"--steps={steps} is invalid: expected >= 1")
-    if objective.sampler == "ode":
-        return sampling.ode(steps, solver)
-    return sampling.multistep(objective.sigma_d, steps, t_mid)
+    return sampling.method_for(objective, steps, t_mid=t_mid, solver=solver)
 
 
 def parse_labels(text: str, num: int, num_classes: int) -> np.ndarray:
@@ -130,14 +128,10 @@ def write(config, samples, labels, out: str) -> None:
         save_image_grid(np.clip(samples[..., :3] / (2 * sigma_d), -1, 1), out, rows=rows)
 
 
-def main(argv=None) -> int:
+def _define_flags(fv) -> None:
     from absl import flags
 
-    from scm_jax.cli import EXIT_USER_ERROR, one_line
-    from scm_jax.errors import UserError
-
-    fv = flags.FlagValues()
-    flags.DEFINE_string("config", None, "experiments/<name>.py[:arg]", flag_values=fv)
+    cli.define_config_flags(fv)
     flags.DEFINE_string("workdir", None, "the run's workdir (its <stage>/ checkpoints)",
                         flag_values=fv)
     flags.DEFINE_string("stage", None, "the training stage to sample", flag_values=fv)
@@ -152,33 +146,26 @@ def main(argv=None) -> int:
     flags.DEFINE_enum("solver", "dpm2s", list(sampling.SOLVERS), "teacher ODE solver",
                       flag_values=fv)
     flags.DEFINE_string("out", None, "grid .png or arrays .npz", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() first", flag_values=fv)
-    flags.mark_flags_as_required(["config", "workdir", "stage", "out"], flag_values=fv)
-    overrides, rest = configs.split_overrides(sys.argv if argv is None else argv)
-    try:
-        fv(rest)
-    except flags.Error as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    try:
-        if not fv.out.endswith((".png", ".npz")):
-            raise ConfigError(f"--out={fv.out!r} is invalid: expected a .png or .npz path")
-        if fv.distributed:
-            jax.distributed.initialize()
-        config = configs.load(fv.config, overrides)
-        configs.validate(config)
-        say = (lambda m: print(m, flush=True)) if files.is_primary() else (lambda m: None)
-        samples, labels, _ = generate(
-            config, fv.workdir, fv.stage, steps=fv.steps, num=fv.num, labels=fv.labels,
-            guidance=fv.guidance, seed=fv.seed, batch_size=fv.batch_size, t_mid=fv.t_mid,
-            solver=fv.solver, log=say)
-        if files.is_primary():
-            write(config, samples, labels, fv.out)
-        say(f"[sample] wrote {fv.out}")
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    return 0
+    flags.mark_flags_as_required(["workdir", "stage", "out"], flag_values=fv)
+
+
+def _run(fv, overrides) -> None:
+    if not fv.out.endswith((".png", ".npz")):
+        raise ConfigError(f"--out={fv.out!r} is invalid: expected a .png or .npz path")
+    config = cli.load_config(fv, overrides)
+    say = (lambda m: print(m, flush=True)) if files.is_primary() else (lambda m: None)
+    samples, labels, _ = generate(
+        config, fv.workdir, fv.stage, steps=fv.steps, num=fv.num, labels=fv.labels,
+        guidance=fv.guidance, seed=fv.seed, batch_size=fv.batch_size, t_mid=fv.t_mid,
+        solver=fv.solver, log=say)
+    if files.is_primary():
+        write(config, samples, labels, fv.out)
+    say(f"[sample] wrote {fv.out}")
+
+
+def main(argv=None) -> int:
+    """The command; argv as sys.argv (program name first). Returns the exit status."""
+    return cli.run_command(__doc__, _define_flags, _run, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from scm_jax import files, sharding
+from scm_jax import cli, files, sharding
 from scm_jax.errors import ConfigError
 from scm_jax.evaluation import features as features_lib
 from scm_jax.evaluation import reference as reference_lib
@@ -133,42 +133,29 @@ def compute(config, out, *, data_dir: str = "", split: str = "train", batch_size
     return ref
 
 
-def main(argv=None) -> int:
-    """The command; argv as sys.argv (program name first). Returns the exit status."""
+def _define_flags(fv) -> None:
     from absl import flags
 
-    from scm_jax import configs
-    from scm_jax.cli import EXIT_USER_ERROR, one_line
-    from scm_jax.errors import UserError
-
-    fv = flags.FlagValues()
-    flags.DEFINE_string("config", None, "experiments/<name>.py[:arg]", flag_values=fv)
+    cli.define_config_flags(fv)
     flags.DEFINE_string("out", None, "the .npz to write (local path or gs://)", flag_values=fv)
     flags.DEFINE_string("data_dir", "", "TFDS data_dir of the real images (default: the "
                         "config's, or TFDS's)", flag_values=fv)
     flags.DEFINE_string("split", "train", "TFDS split", flag_values=fv)
     flags.DEFINE_integer("batch_size", 500, "images per step over all devices", flag_values=fv)
     flags.DEFINE_integer("save_every", 20, "batches between saved partial states", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() first", flag_values=fv)
-    flags.mark_flags_as_required(["config", "out"], flag_values=fv)
-    overrides, rest = configs.split_overrides(sys.argv if argv is None else argv)
-    try:
-        fv(rest)
-    except flags.Error as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    try:
-        if fv.distributed:
-            jax.distributed.initialize()
-        config = configs.load(fv.config, overrides)
-        configs.validate(config)
-        say = (lambda m: print(m, flush=True)) if files.is_primary() else (lambda m: None)
-        compute(config, fv.out, data_dir=fv.data_dir, split=fv.split, batch_size=fv.batch_size,
-                save_every=fv.save_every, log=say)
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    return 0
+    flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def _run(fv, overrides) -> None:
+    config = cli.load_config(fv, overrides)
+    say = (lambda m: print(m, flush=True)) if files.is_primary() else (lambda m: None)
+    compute(config, fv.out, data_dir=fv.data_dir, split=fv.split, batch_size=fv.batch_size,
+            save_every=fv.save_every, log=say)
+
+
+def main(argv=None) -> int:
+    """The command; argv as sys.argv (program name first). Returns the exit status."""
+    return cli.run_command(__doc__, _define_flags, _run, argv)
 
 
 if __name__ == "__main__":
