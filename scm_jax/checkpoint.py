@@ -323,7 +323,8 @@ class CheckpointStore:
         one that does not is reported by name and set aside as checkpoints/corrupt-<step>-...
         (kept, no longer a step). CorruptCheckpointError if none is intact."""
         problems = []
-        for step in sorted(self.manager.all_steps(read=True), reverse=True):
+        self.manager.reload()   # the steps on disk now (another process may have written)
+        for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, data = self.restore(abstract_state, step)
             except CorruptCheckpointError as err:
@@ -417,7 +418,8 @@ def restore_stage_ema(config, name: str, workdir, mesh=None, rules=None, network
     store = CheckpointStore(directory, async_save=False)
     try:
         problems = []
-        for step in sorted(store.manager.all_steps(read=True), reverse=True):
+        store.manager.reload()
+        for step in sorted(store.manager.all_steps(), reverse=True):
             try:
                 ema = store.restore_subtree(subtree, step)["nets"][network]["ema"]
                 break

@@ -53,16 +53,10 @@ class MetricLogger:
             self._tb = SummaryWriter(str(self._tb_dir))
         return self._tb
 
-    def write(self, step: int, metrics: dict, *, images: int | None = None) -> None:
-        scalars = {k: float(v) for k, v in metrics.items()}
-        now = time.time()
-        rate = None
-        if self._last is not None and step > self._last[1]:
-            rate = (step - self._last[1]) / max(now - self._last[0], 1e-9)
-            scalars["steps_per_sec"] = rate
-        self._last = (now, step)
-        if not self.primary:
-            return
+    def _append(self, step: int, scalars: dict) -> None:
+        """One row to metrics.jsonl (appended; rewritten whole where the store cannot append)
+        and its finite values to TensorBoard (a non-finite value is in the row, and the train
+        loop's guard has reported its step)."""
         row = json.dumps(dict(step=step, **{k: _json_value(v) for k, v in scalars.items()}),
                          allow_nan=False)
         self._rows.append(row)
@@ -73,7 +67,20 @@ class MetricLogger:
             files.write_text(self.path, "".join(r + "\n" for r in self._rows))
         writer = self._writer()
         for key, value in scalars.items():
-            writer.add_scalar(f"{self.name}/{key}", value, step)
+            if math.isfinite(value):
+                writer.add_scalar(f"{self.name}/{key}", value, step)
+
+    def write(self, step: int, metrics: dict, *, images: int | None = None) -> None:
+        scalars = {k: float(v) for k, v in metrics.items()}
+        now = time.time()
+        rate = None
+        if self._last is not None and step > self._last[1]:
+            rate = (step - self._last[1]) / max(now - self._last[0], 1e-9)
+            scalars["steps_per_sec"] = rate
+        self._last = (now, step)
+        if not self.primary:
+            return
+        self._append(step, scalars)
         eta = f"{(self.total - step) / rate / 60:.1f} min" if rate else "?"
         speed = f"{rate:.2f} steps/s" if rate else "warm-up"
         shown = " ".join(f"{k}={scalars[k]:.4g}" for k in ("loss", "raw_loss", "grad_norm",
@@ -87,17 +94,7 @@ class MetricLogger:
             return
         scalars = {f"eval/{k}": float(v) for k, v in scores.items()
                    if isinstance(v, (int, float, np.floating, np.integer)) and k != "num_samples"}
-        row = json.dumps(dict(step=step, **{k: _json_value(v) for k, v in scalars.items()}),
-                         allow_nan=False)
-        self._rows.append(row)
-        if files.is_local(self.path):
-            with self.path.open("a") as f:
-                f.write(row + "\n")
-        else:
-            files.write_text(self.path, "".join(r + "\n" for r in self._rows))
-        writer = self._writer()
-        for key, value in scalars.items():
-            writer.add_scalar(f"{self.name}/{key}", value, step)
+        self._append(step, scalars)
         self.log(f"[{self.name}] step {step}: " + " ".join(
             f"{k}={v:.4g}" for k, v in scalars.items()))
 
