@@ -36,7 +36,7 @@ def guidance_scales(objective, ev) -> tuple:
     (classifier-free guidance), else 1 (a student distilled at one fixed scale has it built in:
     sampling it with CFG on top would guide twice)."""
     model = objective.model_cfg
-    if objective.sampler == "consistency":
+    if not sampling.solves_ode(objective):
         g = objective.cfg.guidance
         guided = (getattr(objective, "guided", False) and model.guidance_input
                   and g.scale_min != g.scale_max)
@@ -50,18 +50,16 @@ def distilled_scale(objective, scale: float) -> float:
     without the scale input was distilled at."""
     g = objective.cfg.get("guidance")
     fixed = g is not None and g.scale_min == g.scale_max and not objective.model_cfg.guidance_input
-    if objective.sampler == "consistency" and fixed:
+    if fixed and not sampling.solves_ode(objective):
         return float(g.scale_min)
     return scale
 
 
 def plan(objective, ev) -> list:
     """[(sampling.Method, guidance scale)] a stage is scored at, in table order."""
-    if objective.sampler == "ode":
-        methods = [sampling.ode(s, ev.teacher_solver) for s in ev.teacher_steps]
-    else:
-        methods = [sampling.multistep(objective.sigma_d, int(m), ev.t_mid)
-                   for m in ev.consistency_steps]
+    steps = ev.teacher_steps if sampling.solves_ode(objective) else ev.consistency_steps
+    methods = [sampling.method_for(objective, int(s), t_mid=ev.t_mid, solver=ev.teacher_solver)
+               for s in steps]
     return [(m, s) for m in methods for s in guidance_scales(objective, ev)]
 
 
@@ -101,11 +99,9 @@ def in_loop(config, name: str, objective, mesh, workdir, *, log=print):
     primary = files.is_primary()
     scorer = evaluators.from_config(config, mesh, eval_dir=files.join(workdir, "eval"),
                                     log=log if primary else (lambda m: None), primary=primary)
-    if objective.sampler == "ode":
-        method = sampling.ode(ev.teacher_steps[0], ev.teacher_solver)
-    else:
-        method = sampling.multistep(objective.sigma_d, 2 if 2 in ev.consistency_steps else 1,
-                                    ev.t_mid)
+    steps = (ev.teacher_steps[0] if sampling.solves_ode(objective)
+             else 2 if 2 in ev.consistency_steps else 1)
+    method = sampling.method_for(objective, steps, t_mid=ev.t_mid, solver=ev.teacher_solver)
     model = objective.model_cfg
     scale = guidance_scales(objective, ev)[0]
     draw = sampling.sampler(objective.net_eval, data_shape(config.data), objective.sigma_d,
@@ -160,21 +156,14 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
         previous = files.read_json(results_path)
         if previous.get("num_samples") == n:   # rows of the same evaluation: keep them
             done = {r["id"]: r for r in previous.get("rows", []) if "id" in r}
-    rows = []
-    if isinstance(scorer, evaluators.DigitsScorer):
-        rows.append(dict(id="data", model="data (held-out)", nfe=0, guidance=1.0,
-                         **scorer.floor()))
+    rows = list(scorer.baseline_rows())
 
     def finish(results):
         if primary:
             files.write_json(results_path, results)
 
-    summary = dict(num_samples=n, batch_size=batch_size, seed=ev.seed, rows=rows)
-    if isinstance(scorer, evaluators.DigitsScorer):
-        summary.update(classifier_holdout_accuracy=scorer.classifier_accuracy,
-                       small_n=scorer.small_n)
-    else:
-        summary.update(reference=scorer.reference.source)
+    summary = dict(num_samples=n, batch_size=batch_size, seed=ev.seed, rows=rows,
+                   **scorer.summary())
     for name in stages:
         if not found[name]:
             say(f"[eval] skipping {name}: no checkpoint in {ckpt.stage_dir(config, name, workdir)}")
@@ -210,9 +199,9 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
                 + f" ({time.time() - t0:.0f}s)")
             finish(summary)
     # Every row relative to the teacher's best score at its longest solver setting.
-    metric = "fd" if isinstance(scorer, evaluators.DigitsScorer) else "fid"
+    metric = scorer.metric
     teacher_rows = [r for r in rows if r["id"] != "data" and metric in r
-                    and config[r["model"]].objective == "diffusion"]
+                    and sampling.solves_ode(objectives.get(config[r["model"]].objective))]
     if teacher_rows:
         longest = max(r["nfe"] for r in teacher_rows)
         best = min((r for r in teacher_rows if r["nfe"] == longest), key=lambda r: r[metric])

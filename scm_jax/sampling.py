@@ -282,6 +282,23 @@ def ode(steps: int, solver: str = "dpm2s") -> Method:
     return Method("ode", steps=int(steps), solver=solver)
 
 
+def solves_ode(objective) -> bool:
+    """Whether `objective`'s model is sampled by an ODE solver (a diffusion teacher, its
+    `sampler` 'ode') rather than by consistency steps (its `sampler` 'consistency')."""
+    if objective.sampler not in ("ode", "consistency"):
+        raise ValueError(f"objective sampler {objective.sampler!r}: expected 'ode' or "
+                         f"'consistency'")
+    return objective.sampler == "ode"
+
+
+def method_for(objective, steps: int, *, t_mid: float = T_MID, solver: str = "dpm2s") -> Method:
+    """How `objective`'s model is sampled in `steps`: its ODE solver in `steps` solver steps
+    (`ode`) for a diffusion model, else `steps`-step consistency sampling (`multistep`)."""
+    if solves_ode(objective):
+        return ode(steps, solver)
+    return multistep(objective.sigma_d, steps, t_mid)
+
+
 def sample(F_fn: FFn, key: jax.Array, shape, sigma_d: float, method: Method,
            dtype=jnp.float32) -> jax.Array:
     """Samples [*shape] from the model F_fn by `method` (see `cm_sample`, `teacher_sample`)."""

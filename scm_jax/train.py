@@ -58,8 +58,8 @@ def grid_sampler(objective, shape, mesh):
     guided student at its lowest training scale."""
     model = objective.model_cfg
     classes = min(model.num_classes, 10)   # the first ten classes of a 1000-class model
-    method = (sampling.ode(GRID_TEACHER_STEPS) if objective.sampler == "ode"
-              else sampling.two_step(objective.sigma_d))
+    method = sampling.method_for(
+        objective, GRID_TEACHER_STEPS if sampling.solves_ode(objective) else 2)
     scale = objective.cfg.guidance.scale_min if model.guidance_input else 1.0
     repl = sharding.replicated(mesh)
     draw = sampling.sampler(objective.net_eval, shape, objective.sigma_d, method,

@@ -370,3 +370,22 @@ def test_sampler_is_jitted_once_per_batch_size():
     draw(jnp.float32(2.0), jax.random.PRNGKey(1), labels)
     assert a.shape == (3, 4, 4, 1) and len(traces) == 2   # 2 evaluations traced once
     np.testing.assert_array_equal(a, b)
+
+
+def test_each_objective_names_how_it_is_sampled():
+    """`sampling.method_for` is the one place a model's kind picks its sampler."""
+    from types import SimpleNamespace
+
+    from scm_jax import objectives
+
+    sigma_d = float(np.random.default_rng().uniform(0.3, 1.0))
+    teacher = SimpleNamespace(sampler=objectives.get("diffusion").sampler, sigma_d=sigma_d)
+    student = SimpleNamespace(sampler=objectives.get("scm").sampler, sigma_d=sigma_d)
+    assert sampling.method_for(teacher, 7, solver="heun") == sampling.ode(7, "heun")
+    assert sampling.method_for(student, 2) == sampling.two_step(sigma_d)
+    assert sampling.method_for(student, 4, t_mid=0.9) == sampling.multistep(sigma_d, 4, 0.9)
+    assert sampling.solves_ode(objectives.get("diffusion"))
+    assert not any(sampling.solves_ode(objectives.get(n)) for n in ("scm", "dscd", "vsd")
+                   if n in objectives.OBJECTIVES)
+    with pytest.raises(ValueError, match="'flow'"):
+        sampling.solves_ode(SimpleNamespace(sampler="flow"))

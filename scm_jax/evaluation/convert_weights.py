@@ -22,7 +22,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-NETWORKS = ("inception", "dinov2")
+from scm_jax.evaluation.features import NETWORKS as FEATURE_NETWORKS
+
+NETWORKS = tuple(FEATURE_NETWORKS)
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict:

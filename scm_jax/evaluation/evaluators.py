@@ -11,7 +11,10 @@
   the SD-VAE first (`config.eval.vae`), streamed and resumable.
 
 Both take `generate(chunk) -> samples [batch, ...]` in the models' range ([-1, 1] pixels, or
-normalized latents), the same global batch on every process.
+normalized latents), the same global batch on every process, and answer the same protocol:
+`metric` (the score every row is compared to the teacher's by), `baseline_rows()` (rows scored
+before any model, e.g. digits' held-out real data) and `summary()` (what the results file
+records of the scorer).
 """
 import time
 
@@ -56,6 +59,13 @@ class DigitsScorer:
         """The held-out real split scored like a model: the best a model can do here."""
         scores = self.evaluator.evaluate(*self.holdout)
         return dict(scores, fd_small=scores["fd"])
+
+    def baseline_rows(self) -> list:
+        """The held-out real split's row, first in the table."""
+        return [dict(id="data", model="data (held-out)", nfe=0, guidance=1.0, **self.floor())]
+
+    def summary(self) -> dict:
+        return dict(classifier_holdout_accuracy=self.classifier_accuracy, small_n=self.small_n)
 
     def score(self, generate, num: int, batch_size: int, *, labels=None, state_path=None,
               log=None, sink=None, wants_images=lambda chunk: True) -> dict:

@@ -9,8 +9,8 @@ run on the evaluation mesh.
 converted `.npz` or the original state dict), and `featurizer(networks, mesh, decode)` is one
 jitted function from a batch of samples (pixels in [-1, 1], or latents that `decode` turns into
 pixels) to every network's features, the batch split over the mesh and the features returned
-to every process. Adding a metric's network: a module with `load_params` / `feature_fn`, an
-entry in `NETWORKS`.
+to every process. Adding a metric's network: a module with `load_params` / `feature_fn`, and
+one entry in `NETWORKS` (its metric, its weights' config key, its loader).
 """
 import dataclasses
 from typing import Any, Callable
@@ -22,8 +22,6 @@ from scm_jax import sharding
 from scm_jax.evaluation.pixels import to_uint8
 from scm_jax.errors import ConfigError
 
-# name -> (metric it defines, config key of its weights file)
-NETWORKS = {"inception": ("fid", "inception_weights"), "dinov2": ("fd_dinov2", "dinov2_weights")}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -52,7 +50,18 @@ def _dinov2(path: str, dtype) -> FeatureNetwork:
                           lambda p, images: dinov2.feature_fn(p, preset, dtype=dtype)(images))
 
 
-_LOADERS = {"inception": _inception, "dinov2": _dinov2}
+@dataclasses.dataclass(frozen=True)
+class NetworkEntry:
+    metric: str                                  # the score it defines
+    weights_key: str                             # config.eval key of its weights file
+    load: Callable[[str, Any], FeatureNetwork]   # (weights path, compute dtype) -> network
+
+
+# The registry: every feature network the evaluation knows, by `config.eval.features` name.
+NETWORKS = {
+    "inception": NetworkEntry("fid", "inception_weights", _inception),
+    "dinov2": NetworkEntry("fd_dinov2", "dinov2_weights", _dinov2),
+}
 
 
 def validate(ev, where: str = "eval") -> None:
@@ -71,7 +80,7 @@ def load(ev) -> list:
     is a MissingInputError naming it and where to get it)."""
     validate(ev)
     dtype = DTYPES[ev.feature_dtype]
-    return [_LOADERS[name](ev[NETWORKS[name][1]], dtype) for name in ev.features]
+    return [NETWORKS[name].load(ev[NETWORKS[name].weights_key], dtype) for name in ev.features]
 
 
 def featurizer(networks, mesh, decode: Callable | None = None, decode_params=None):

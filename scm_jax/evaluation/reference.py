@@ -21,10 +21,12 @@ import numpy as np
 
 from scm_jax import files
 from scm_jax.errors import MissingInputError
+from scm_jax.evaluation.features import NETWORKS as FEATURE_NETWORKS
 
 FORMAT = "scm_jax.reference_stats.v1"
-NETWORKS = ("inception", "dinov2")
-_EDM2_KEYS = {"fid": "inception", "fd_dinov2": "dinov2"}
+NETWORKS = tuple(FEATURE_NETWORKS)
+# EDM2's reference files key each network's statistics by the metric it defines
+_EDM2_KEYS = {entry.metric: name for name, entry in FEATURE_NETWORKS.items()}
 
 
 @dataclasses.dataclass

@@ -26,6 +26,19 @@ PR_NETWORK = "inception"   # precision / recall live in the Inception pool featu
 
 
 class FeatureScorer:
+    """FID / FD-DINOv2 (and precision / recall) of streamed samples against a reference. The
+    scorer protocol `evaluate.py` uses: `metric` (the score rows are compared to the teacher
+    by), `baseline_rows()` (rows scored before any model: none here), `summary()` (what the
+    results record of the scorer), and `score(...)`."""
+
+    metric = "fid"
+
+    def baseline_rows(self) -> list:
+        return []
+
+    def summary(self) -> dict:
+        return dict(reference=self.reference.source)
+
     def __init__(self, networks, reference, featurize, *, pr_samples: int = 10000, k: int = 3,
                  save_every: int = 10):
         self.networks, self.reference, self.featurize = networks, reference, featurize
