@@ -27,6 +27,10 @@ The pickle is read by an unpickler that resolves only the names a state dict of 
 (`_ALLOWED`): any other global is refused with a ValueError naming it, so no pickled code runs.
 A file holding {'state_dict': {...}} or {'model': {...}} (a training checkpoint) gives the
 inner dict. bfloat16 tensors come back as float32 (exactly; numpy has no bfloat16).
+
+`storage_from_bytes` (one storage's legacy stream, as plain `pickle` embeds it through
+`torch.storage._load_from_bytes`) and `strided_array` (a tensor's view of its storage) serve
+readers of other pickles that hold tensors, such as `scm_jax.edm2_pickle`.
 """
 import collections
 import dataclasses
@@ -182,15 +186,24 @@ def _state_dict(obj) -> dict:
     return obj
 
 
-def _array(name: str, tensor: _Tensor, raw, big_endian: bool) -> np.ndarray:
-    """The C-contiguous, native-order array of `tensor` over its root storage's bytes `raw`."""
-    storage = tensor.storage
+def _elements(raw, storage: _Storage, big_endian: bool) -> np.ndarray:
+    """The elements [numel] of `storage` in its root storage's bytes `raw` (stored dtype)."""
     stored = np.dtype(DTYPES[storage.dtype])
     if big_endian:
         stored = stored.newbyteorder(">")
     elems = np.frombuffer(raw, stored, count=len(raw) // stored.itemsize)
-    elems = elems[storage.offset:storage.offset + storage.numel]
-    size, stride, offset = tensor.size, tensor.stride, tensor.offset
+    return elems[storage.offset:storage.offset + storage.numel]
+
+
+def strided_array(name: str, elements: np.ndarray, dtype: str, offset: int, size: tuple,
+                  stride: tuple) -> np.ndarray:
+    """The C-contiguous, native-order array [*size] that a tensor of torch dtype `dtype` (a
+    DTYPES key) views in its storage's `elements` [numel] (as stored: bfloat16 as uint16) at
+    `offset` with `stride` (both counted in elements); bfloat16 is widened to float32. Raises
+    ValueError, naming the tensor `name`, when the view is invalid or reaches past the storage.
+    """
+    size, stride = tuple(size), tuple(stride)
+    stored = elements.dtype
     if len(size) != len(stride) or min(size + stride + (offset,)) < 0:
         raise ValueError(f"tensor {name!r} has an invalid offset {offset}, size {size}, "
                          f"stride {stride}")
@@ -199,17 +212,24 @@ def _array(name: str, tensor: _Tensor, raw, big_endian: bool) -> np.ndarray:
         out = np.zeros(size, native)
     else:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if last >= len(elems):   # as_strided does not check bounds: it would read past the data
+        if last >= len(elements):   # as_strided does not check bounds: it would read past the data
             raise ValueError(f"tensor {name!r} (offset {offset}, size {size}, stride {stride}) "
-                             f"reaches element {last} of a storage of {len(elems)}; the file is "
+                             f"reaches element {last} of a storage of {len(elements)}; the file is "
                              f"truncated or corrupt")
         view = np.lib.stride_tricks.as_strided(
-            elems[offset:], shape=size, strides=tuple(s * stored.itemsize for s in stride),
+            elements[offset:], shape=size, strides=tuple(s * stored.itemsize for s in stride),
             writeable=False)
         out = np.array(view, dtype=native, order="C")
-    if storage.dtype == "bfloat16":
+    if dtype == "bfloat16":
         out = (out.astype(np.uint32) << 16).view(np.float32)
     return out
+
+
+def _array(name: str, tensor: _Tensor, raw, big_endian: bool) -> np.ndarray:
+    """The C-contiguous, native-order array of `tensor` over its root storage's bytes `raw`."""
+    storage = tensor.storage
+    return strided_array(name, _elements(raw, storage, big_endian), storage.dtype,
+                         tensor.offset, tensor.size, tensor.stride)
 
 
 def _materialize(tensors: dict, storages, big_endian: bool = False) -> dict:
@@ -270,7 +290,8 @@ def _unpickle(f, what: str, unpickler=None):
                          f"is truncated or corrupt") from None
 
 
-def _read_legacy(f, file_size: int) -> dict:
+def _legacy_header(f) -> None:
+    """Reads the magic number, protocol version and system facts that open a legacy stream."""
     try:
         magic = _Unpickler(f).load()
     except Exception:   # noqa: BLE001 -- any failure of the first pickle means "not this format"
@@ -283,19 +304,25 @@ def _read_legacy(f, file_size: int) -> dict:
     if version != PROTOCOL_VERSION:
         raise ValueError(f"legacy protocol version {version!r}; expected {PROTOCOL_VERSION}")
     _unpickle(f, "system facts")   # storages are little-endian whatever the writer's order
-    unpickler = _Unpickler(f)
-    tensors = _state_dict(_unpickle(f, "state dict", unpickler))
+
+
+def _legacy_keys(f) -> list:
     keys = _unpickle(f, "storage key list")
     if not isinstance(keys, list):
         raise ValueError(f"the storage key list is a {type(keys).__name__}, not a list")
+    return keys
+
+
+def _legacy_storages(f, file_size: int, keys: list, roots: dict):
+    """A `_materialize` storages function over the (count, bytes) records after the key list."""
 
     def storages(wanted):
         wanted = set(wanted)
         for key in keys:
             key = key.decode("ascii") if isinstance(key, bytes) else str(key)
-            if key not in unpickler.roots:
+            if key not in roots:
                 raise ValueError(f"storage key {key!r} is listed but no tensor refers to it")
-            itemsize = np.dtype(DTYPES[unpickler.roots[key]]).itemsize
+            itemsize = np.dtype(DTYPES[roots[key]]).itemsize
             header = f.read(8)
             if len(header) < 8:
                 raise ValueError(f"the file ends before storage {key!r}; it is truncated")
@@ -309,7 +336,36 @@ def _read_legacy(f, file_size: int) -> dict:
             else:
                 f.seek(nbytes, io.SEEK_CUR)
 
-    return _materialize(tensors, storages)
+    return storages
+
+
+def _read_legacy(f, file_size: int) -> dict:
+    _legacy_header(f)
+    unpickler = _Unpickler(f)
+    tensors = _state_dict(_unpickle(f, "state dict", unpickler))
+    keys = _legacy_keys(f)
+    return _materialize(tensors, _legacy_storages(f, file_size, keys, unpickler.roots))
+
+
+def storage_from_bytes(data: bytes) -> tuple[str, np.ndarray]:
+    """(dtype, elements [numel]) of the one storage in `data`: a legacy `torch.save` stream
+    whose object is a storage alone, which is what `torch.storage._load_from_bytes(data)`
+    reads and how a tensor pickled by plain `pickle` (not `torch.save`) carries its storage.
+    dtype is a DTYPES key ('float16' for a `torch.HalfStorage`); the elements keep their stored
+    type (little-endian; bfloat16 as uint16), for `strided_array`. Raises ValueError when
+    `data` is not such a stream or is cut short.
+    """
+    f = io.BytesIO(data)
+    _legacy_header(f)
+    unpickler = _Unpickler(f)
+    storage = _unpickle(f, "storage", unpickler)
+    if not isinstance(storage, _Storage):
+        raise ValueError(f"a storage record holds a {type(storage).__name__}, not a storage")
+    keys = _legacy_keys(f)
+    raw = dict(_legacy_storages(f, len(data), keys, unpickler.roots)([storage.key]))
+    if storage.key not in raw:
+        raise ValueError(f"a storage record lacks the bytes of its storage {storage.key!r}")
+    return storage.dtype, _elements(raw[storage.key], storage, big_endian=False)
 
 
 def _read(f) -> dict:
