@@ -1,33 +1,23 @@
-"""Checkpoints with orbax: the whole train state, the data position, and what a stage means.
+"""The checkpoint store: a stage's train state and data position with orbax.
 
 A stage's directory holds `checkpoints/<step>/` (orbax writes each step to a temporary folder
-and renames it when complete, so a killed run never leaves a half checkpoint behind) and
-`config.json`: the stage's *identity* (architecture, dataset identity and sigma_d, objective),
-which decides whether a checkpoint may be resumed or loaded as a teacher, and the full config
-it was started with, for the record. Re-running the same command restores the latest step:
-every network's params, optimizer state and EMA, the step, the rng and the data position.
-
-Only the identity is compared: data paths, worker counts, the attention kernel, the compute
-dtype, dropout, optimizer settings and step counts may change between runs. A difference, or
-a checkpoint whose arrays do not fit the config's state, is a CheckpointMismatchError naming
-the directory and the entries, raised before anything is written.
+and renames it when complete, so a killed run never leaves a half checkpoint behind). Re-running
+the same command restores the latest step: every network's params, optimizer state and EMA, the
+step, the rng and the data position, each array checked against its fingerprint
+(`tree_checks.fingerprints`). A checkpoint whose arrays do not fit the config's state is a
+CheckpointMismatchError naming the directory and the entries, raised before anything is
+written. What a stage means (`config.json`) is `stage_identity`; restoring another stage's EMA
+is `stage_restore`.
 
 Directories go through `etils.epath` (local paths and buckets alike).
 """
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
+from scm_jax import files
 from scm_jax.checkpoint_layout import saved_layout, to_config_layout
-from scm_jax import data as data_lib
-from scm_jax import files, objectives, sharding
-from scm_jax.errors import CheckpointMismatchError, MissingInputError, UserError
-from scm_jax.networks import NON_IDENTITY_KEYS as MODEL_NON_IDENTITY_KEYS
-from scm_jax.networks import STABILIZER_KEYS
+from scm_jax.errors import CheckpointMismatchError, UserError
+from scm_jax.tree_checks import compare_trees, fingerprints
 
-RECORD_FILE = "config.json"
 QUARANTINE_PREFIX = "corrupt-"   # checkpoints/corrupt-<step>-<time>: set aside, kept for forensics
 
 
@@ -40,156 +30,6 @@ class CheckpointSaveError(UserError):
 
 
 # --- Where a stage lives, and what it means ----------------------------------------------------
-def stage_dir(config, name: str, workdir) -> str:
-    """<workdir>/<name>, or the stage's own `checkpoint_dir` (e.g. a teacher trained elsewhere)."""
-    return config[name].checkpoint_dir or str(files.join(workdir, name))
-
-
-def _plain(value):
-    """A JSON-normal form: ConfigDicts as dicts, tuples as lists, other values as JSON has them."""
-    import json
-
-    if isinstance(value, ml_collections.ConfigDict):
-        value = value.to_dict()
-    return json.loads(json.dumps(value, default=str))
-
-
-def stage_identity(config, objective) -> dict:
-    """What a checkpoint of this stage means: its architecture (config.model as the objective
-    builds it, less how it is computed), its dataset's identity (config.data less paths and
-    throughput settings; sigma_d included) and its objective."""
-    model = {k: v for k, v in _plain(objective.model_cfg).items()
-             if k not in MODEL_NON_IDENTITY_KEYS}
-    data = {k: v for k, v in _plain(config.data).items()
-            if k not in data_lib.NON_IDENTITY_KEYS}
-    return dict(model=model, data=data, objective=_plain(objective.identity()))
-
-
-def stage_record(config, objective) -> dict:
-    """What `config.json` stores: the identity, and the whole config for the record."""
-    return dict(identity=stage_identity(config, objective), config=_plain(config))
-
-
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def check_stage_config(directory, record: dict) -> None:
-    """Refuses a stage directory whose `config.json` has another identity, naming each entry
-    that differs (nothing to check when the directory has no record yet)."""
-    path = files.join(directory, RECORD_FILE)
-    if not path.exists():
-        return
-    try:
-        saved = files.read_json(path)
-    except (OSError, ValueError) as err:
-        raise CheckpointMismatchError(f"{path} is unreadable: {err}") from err
-    if not isinstance(saved, dict) or "identity" not in saved:
-        raise CheckpointMismatchError(
-            f"{path} holds no stage identity (written by another version of scm_jax?): use "
-            f"another --workdir")
-    old, new = _flatten(saved["identity"]), _flatten(_plain(record["identity"]))
-    # Entries added to the architecture later: absent means the value older checkpoints had.
-    implicit = {f"model.{k}": default for k, (_, default, _) in STABILIZER_KEYS.items()}
-    old = {**{k: v for k, v in implicit.items() if k in new}, **old}
-    new = {**{k: v for k, v in implicit.items() if k in old}, **new}
-    diffs = [f"{key} = {old.get(key, '<absent>')!r} there, {new.get(key, '<absent>')!r} now"
-             for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-    if diffs:
-        more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
-        raise CheckpointMismatchError(
-            f"{directory} was written by a different run: {'; '.join(diffs[:4])}{more}. Use "
-            f"another --workdir, or restore the original settings")
-
-
-def write_record(directory, record: dict) -> None:
-    """Writes `config.json` (the primary process only)."""
-    if files.is_primary():
-        files.write_json(files.join(directory, RECORD_FILE), record)
-
-
-# --- The store ---------------------------------------------------------------------------------
-def _path_name(path) -> str:
-    """'nets/net/params/conv_in/kernel' whether the tree holds dataclasses, dicts or lists."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-    return "/".join(parts)
-
-
-def _leaf_shapes(tree) -> dict:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
-
-
-def compare_trees(expected, found, where: str) -> None:
-    """Raises CheckpointMismatchError if `found` differs from `expected` in keys or shapes."""
-    exp, got = _leaf_shapes(expected), _leaf_shapes(found)
-    missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
-    if missing or extra:
-        raise CheckpointMismatchError(
-            f"checkpoint at {where} does not match this config: entries missing from it "
-            f"{missing[:5]}, unexpected entries {extra[:5]}")
-    for key in exp:
-        if exp[key] != got[key]:
-            raise CheckpointMismatchError(
-                f"checkpoint at {where} does not match this config: {key} has shape {got[key]} "
-                f"on disk but {exp[key]} in the model built from the config")
-
-
-# Every saved array's fingerprint, sum_i u_i (2 i + 1) c mod 2^32 over its bytes read as 32-bit
-# words u_i (c = 2654435761): any change of a single word changes it (each weight is odd), it is
-# exact integer arithmetic, so the same whatever the sharding or the number of processes, and it
-# is computed where the arrays live, before an asynchronous save and after a restore.
-_MIX = np.uint32(2654435761)
-
-
-def _words(x):
-    x = jnp.asarray(x)
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32).reshape(-1)
-    if x.dtype.itemsize == 4:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    if x.dtype.itemsize == 2:
-        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32).reshape(-1)
-    if x.dtype.itemsize == 8:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    return x.astype(jnp.uint32).reshape(-1)
-
-
-@jax.jit
-def _fingerprint_leaves(leaves):
-    out = []
-    for leaf in leaves:
-        words = _words(leaf)
-        weights = (jnp.arange(words.size, dtype=jnp.uint32) * np.uint32(2) + np.uint32(1)) * _MIX
-        out.append(jnp.sum(words * weights, dtype=jnp.uint32))
-    return out
-
-
-def fingerprints(tree) -> dict:
-    """{leaf path: 32-bit fingerprint} of every array of `tree` (see the comment above)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    names = [_path_name(path) for path, _ in flat]
-    values = jax.device_get(_fingerprint_leaves([leaf for _, leaf in flat]))
-    return {name: int(v) for name, v in zip(names, values)}
-
-
-def all_finite(tree) -> bool:
-    """True when every floating-point value of `tree` is finite."""
-    from scm_jax.objectives.base import all_finite as finite
-
-    return bool(jax.jit(finite)(tree))
-
-
 def has_checkpoint(directory) -> bool:
     """True if `directory` holds at least one finished checkpoint (without creating anything)."""
     root = files.join(directory, "checkpoints")
@@ -388,52 +228,3 @@ def _pick(saved, subtree, where, depth: int = 3):
 
 
 # --- Restoring another stage's model -----------------------------------------------------------
-def restore_stage_ema(config, name: str, workdir, mesh=None, rules=None, network: str = "net",
-                      abstract_ema=None, log=print):
-    """(EMA params of network `network` of stage `name`, step) from its latest checkpoint,
-    sharded over `mesh` by the logical rules when one is given (or exactly as the sharded
-    ShapeDtypeStructs `abstract_ema` say); only those arrays are read.
-
-    Raises MissingInputError naming the directory when the stage has no checkpoint, and
-    CheckpointMismatchError when its identity differs from the config's or its EMA is not
-    finite. A corrupt latest checkpoint is reported and the newest intact one used.
-    """
-    directory = stage_dir(config, name, workdir)
-    objective = objectives.build(config, name)
-    if not has_checkpoint(directory):
-        hint = (f"run stage={name} first or set --config.{name}.checkpoint_dir"
-                if name == "teacher" else f"run stage={name} first")
-        raise MissingInputError(f"no {name} checkpoint found in {directory}: {hint}")
-    check_stage_config(directory, stage_record(config, objective))
-    from scm_jax.data import data_shape
-
-    if abstract_ema is None:
-        if mesh is None:
-            abstract, _ = objective.abstract_state(data_shape(config.data))
-        else:
-            abstract, _ = objective.abstract_state(data_shape(config.data), mesh,
-                                                   rules or sharding.logical_rules(config.mesh))
-        abstract_ema = abstract.nets[network].ema
-    subtree = {"nets": {network: {"ema": abstract_ema}}}
-    store = CheckpointStore(directory, async_save=False)
-    try:
-        problems = []
-        store.manager.reload()
-        for step in sorted(store.manager.all_steps(), reverse=True):
-            try:
-                ema = store.restore_subtree(subtree, step)["nets"][network]["ema"]
-                break
-            except CorruptCheckpointError as err:   # another stage's files: reported, not moved
-                problems.append(str(err))
-                log(f"warning: {err}; using the previous {name} checkpoint")
-        else:
-            raise CorruptCheckpointError(f"no intact {name} checkpoint in {directory}: "
-                                         f"{'; '.join(problems)}")
-    finally:
-        store.close()
-    if not all_finite(ema):
-        raise CheckpointMismatchError(
-            f"the EMA of stage {name} in {store._where(step)} holds non-finite values (NaN or "
-            f"inf): it can neither start nor teach another stage; retrain {name} (lower its "
-            f"learning rate) or pick another checkpoint")
-    return ema, int(step)

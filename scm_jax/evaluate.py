@@ -23,6 +23,10 @@ import jax
 import numpy as np
 
 from scm_jax import checkpoint as ckpt
+
+from scm_jax import stage_identity
+
+from scm_jax import stage_restore
 from scm_jax import configs, files, objectives, sampling, sharding
 from scm_jax.data import data_shape
 from scm_jax.errors import MissingInputError
@@ -134,7 +138,7 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
     ev = config.eval
     if stages is None:
         stages = [s for s in config.pipeline if s in configs.training_stages(config)]
-    found = {s: ckpt.has_checkpoint(ckpt.stage_dir(config, s, workdir)) for s in stages}
+    found = {s: ckpt.has_checkpoint(stage_identity.stage_dir(config, s, workdir)) for s in stages}
     if not any(found.values()):
         raise MissingInputError(f"nothing to evaluate: no stage of {tuple(stages)} has a "
                                 f"checkpoint under {workdir}; train one first (e.g. stage=all)")
@@ -166,10 +170,10 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
                    **scorer.summary())
     for name in stages:
         if not found[name]:
-            say(f"[eval] skipping {name}: no checkpoint in {ckpt.stage_dir(config, name, workdir)}")
+            say(f"[eval] skipping {name}: no checkpoint in {stage_identity.stage_dir(config, name, workdir)}")
             continue
         objective = objectives.build(config, name)
-        params, step = ckpt.restore_stage_ema(config, name, workdir, mesh)
+        params, step = stage_restore.restore_stage_ema(config, name, workdir, mesh)
         model = objective.model_cfg
         for method, scale in plan(objective, ev):
             rid = row_id(name, method, scale)

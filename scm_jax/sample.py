@@ -23,7 +23,8 @@ import time
 import jax
 import numpy as np
 
-from scm_jax import checkpoint as ckpt
+
+from scm_jax import stage_restore
 from scm_jax import cli, configs, files, objectives, sampling, sharding
 from scm_jax.data import data_shape
 from scm_jax.errors import ConfigError
@@ -65,7 +66,7 @@ def generate(config, workdir, stage: str, *, steps: int, num: int, labels: str =
     objective = objectives.build(config, stage)
     method = method_for(objective, steps, t_mid=t_mid, solver=solver)
     mesh = sharding.make_mesh(config.mesh)
-    params, step = ckpt.restore_stage_ema(config, stage, workdir, mesh, log=log)
+    params, step = stage_restore.restore_stage_ema(config, stage, workdir, mesh, log=log)
     model = objective.model_cfg
     label_array = parse_labels(labels, num, model.num_classes)
     draw = sampling.sampler(objective.net_eval, data_shape(config.data), objective.sigma_d,

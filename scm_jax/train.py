@@ -14,6 +14,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from scm_jax import checkpoint as ckpt
+
+from scm_jax import stage_identity
+
+from scm_jax import stage_restore
+
+from scm_jax import tree_checks
 from scm_jax import configs, files, objectives, preemption, processes, sampling, sharding
 from scm_jax.data import build_train_batches
 from scm_jax.errors import ConfigError, UserError
@@ -102,9 +108,9 @@ def train_stage(config, name: str, workdir, *, log=print):
     # --- The stage on its mesh: objective, shapes, shardings, the jitted step ---------------
     stage = build_stage(config, name)
     objective, mesh = stage.objective, stage.mesh
-    directory = ckpt.stage_dir(config, name, workdir)
-    record = ckpt.stage_record(config, objective)
-    ckpt.check_stage_config(directory, record)
+    directory = stage_identity.stage_dir(config, name, workdir)
+    record = stage_identity.stage_record(config, objective)
+    stage_identity.check_stage_config(directory, record)
     resuming = ckpt.has_checkpoint(directory)
 
     # --- Data -------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ def train_stage(config, name: str, workdir, *, log=print):
     teacher_params = None
     if objective.teacher_stage and (objective.distills or not resuming):
         # Restored straight into the shardings the step was jitted with.
-        teacher_params, _ = ckpt.restore_stage_ema(config, objective.teacher_stage, workdir,
+        teacher_params, _ = stage_restore.restore_stage_ema(config, objective.teacher_stage, workdir,
                                                    mesh, stage.rules,
                                                    abstract_ema=stage.teacher_abstract, log=say)
     step_teacher = teacher_params if objective.distills else None
@@ -146,7 +152,7 @@ def _restore_or_initialize(config, name, stage, store, batches, workdir, teacher
     objective, directory = stage.objective, store.directory
     if resuming:
         state, data_state, step = store.restore_latest_intact(stage.abstract_state, log=say)
-        if not ckpt.all_finite(state):
+        if not tree_checks.all_finite(state):
             raise ckpt.CheckpointMismatchError(
                 f"checkpoint {step} in {directory} holds non-finite values (NaN or inf); it "
                 f"cannot be resumed: delete it (and any later one) or the stage directory")
@@ -158,12 +164,12 @@ def _restore_or_initialize(config, name, stage, store, batches, workdir, teacher
         if teacher_params is not None and config[name].init_from_teacher:
             # sCM App. G.2: every CM starts from the teacher's EMA parameters (aVSD's fake
             # score network too).
-            where = ckpt.stage_dir(config, objective.teacher_stage, workdir)
+            where = stage_identity.stage_dir(config, objective.teacher_stage, workdir)
             for network in objective.teacher_initialized:
                 params = merge_teacher_params(state.nets[network].params, teacher_params, where)
                 state = objective.with_params(state, network, params)
             state = jax.device_put(state, stage.state_sharding)
-        ckpt.write_record(directory, record)
+        stage_identity.write_record(directory, record)
     logger = MetricLogger(directory, name=name, total_steps=config[name].steps, log=say,
                           resume_step=int(state.step) if resuming else None)
     return state, logger
@@ -218,7 +224,7 @@ def _loop(config, name, stage, store, batches, logger, state, step_teacher, dire
             if stop or done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 # With nonfinite.skip the state is finite by construction; without it, a
                 # non-finite state is never written (the last finite checkpoint stays newest).
-                if not cfg.nonfinite.skip and not ckpt.all_finite(state):
+                if not cfg.nonfinite.skip and not tree_checks.all_finite(state):
                     raise TrainingDiverged(
                         f"stage {name}: the state at step {done} is not finite, so it was not "
                         f"saved; the last finite checkpoint is step {store.latest_step()} in "

@@ -64,11 +64,11 @@ def test_known_failures_print_one_line_and_exit_2(tmp_path):
                     "config.scd.loss.tangent_c = -1.0 is invalid: expected >= 0")
     # A stage directory written by another architecture (its record is checked first).
     other = load_experiment("digits", "variant=tiny", ["model.channels=16"])
-    from scm_jax import checkpoint as ckpt
+    from scm_jax import stage_identity
     from scm_jax import objectives
 
-    ckpt.write_record(tmp_path / "c" / "teacher",
-                      ckpt.stage_record(other, objectives.build(other, "teacher")))
+    stage_identity.write_record(tmp_path / "c" / "teacher",
+                      stage_identity.stage_record(other, objectives.build(other, "teacher")))
     _one_line_error(_cli([], tmp_path / "c"), "model.channels = 16 there, 8 now")
     assert not any(tmp_path.joinpath("a").glob("*")) and not tmp_path.joinpath("b").exists()
 

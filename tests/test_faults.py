@@ -18,6 +18,10 @@ import numpy as np
 import pytest
 
 from scm_jax import checkpoint as ckpt
+
+from scm_jax import stage_identity
+
+from scm_jax import tree_checks
 from scm_jax import main as entry
 from scm_jax import objectives, train
 from scm_jax.errors import ConfigError, MissingInputError
@@ -44,7 +48,7 @@ def _assert_finite_checkpoints(directory, config):
     store = ckpt.CheckpointStore(directory)
     for step in store.manager.all_steps():
         state, _ = store.restore(abstract, step)
-        assert ckpt.all_finite(state), step
+        assert tree_checks.all_finite(state), step
     store.close()
 
 
@@ -76,7 +80,7 @@ def test_a_student_refuses_a_non_finite_teacher(tmp_path):
     store = ckpt.CheckpointStore(tmp_path / "teacher", async_save=False)
     store.save(2, poisoned, {"step": 2})
     store.close()
-    ckpt.write_record(tmp_path / "teacher", ckpt.stage_record(config, teacher))
+    stage_identity.write_record(tmp_path / "teacher", stage_identity.stage_record(config, teacher))
     with pytest.raises(ckpt.CheckpointMismatchError, match="holds non-finite values"):
         train.train_stage(config, "scd", str(tmp_path), log=_quiet)
     assert not (tmp_path / "scd").exists()

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from scm_jax import checkpoint as ckpt
+
+from scm_jax import stage_identity
 from scm_jax import files, objectives
 from scm_jax.evaluation import digits_classifier
 from scm_jax.metrics_log import MetricLogger, image_grid, save_image_grid
@@ -54,12 +56,12 @@ def test_metrics_on_a_bucket_are_rewritten_strict_and_truncated_on_resume(bucket
 
 def test_stage_records_and_the_classifier_live_on_a_bucket(bucket):
     config = load_experiment("digits", "variant=tiny")
-    record = ckpt.stage_record(config, objectives.build(config, "teacher"))
-    ckpt.write_record(f"{bucket}/teacher", record)
-    ckpt.check_stage_config(f"{bucket}/teacher", record)
+    record = stage_identity.stage_record(config, objectives.build(config, "teacher"))
+    stage_identity.write_record(f"{bucket}/teacher", record)
+    stage_identity.check_stage_config(f"{bucket}/teacher", record)
     config.model.channels = 16
     with pytest.raises(ckpt.CheckpointMismatchError, match="model.channels = 8 there, 16 now"):
-        ckpt.check_stage_config(f"{bucket}/teacher", ckpt.stage_record(
+        stage_identity.check_stage_config(f"{bucket}/teacher", stage_identity.stage_record(
             config, objectives.build(config, "teacher")))
     assert not ckpt.has_checkpoint(f"{bucket}/teacher")
     params = digits_classifier._init_params(3)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from scm_jax import checkpoint as ckpt
+
+from scm_jax import stage_restore
 from scm_jax import objectives, train
 from tests.helpers import (finish_processes, load_experiment, start_two_processes,
                            wait_for_output)
@@ -60,7 +62,7 @@ def test_a_one_process_run_reads_and_resumes_the_two_process_checkpoints(two_pro
     # One sample file per evaluated model row (the teacher at 3 NFE, sCD at 1 and 2).
     assert len(list((workdir / "samples").iterdir())) == 3
     for name in ("teacher", "scd"):
-        ema, step = ckpt.restore_stage_ema(config, name, str(workdir))
+        ema, step = stage_restore.restore_stage_ema(config, name, str(workdir))
         assert step == config[name].steps
         for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(single[name].nets["net"].ema)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
@@ -120,7 +122,7 @@ def test_fsdp_across_the_process_boundary_and_two_processes_resume_one(tmp_path)
     single = train.train_stage(config, "teacher", str(tmp_path / "one"), log=lambda m: None)
     specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(single.nets["net"].params)}
     assert any("fsdp" in spec for spec in specs)   # the weights really are split
-    ema, step = ckpt.restore_stage_ema(config, "teacher", str(tmp_path / "two"))
+    ema, step = stage_restore.restore_stage_ema(config, "teacher", str(tmp_path / "two"))
     assert step == 2
     for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(single.nets["net"].ema)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from scm_jax import checkpoint as ckpt
+
+from scm_jax import stage_restore
 from scm_jax import compile_cache
 from scm_jax import main as scm_main
 from scm_jax import objectives, train
@@ -162,7 +163,7 @@ def test_imagenet512_runlocal_trains_guided_scd(tmp_path):
     config.model.channel_mult = (1,)   # one level (with attention at 8x8): compile time
     assert data_shape(config.data) == (8, 8, 4) and config.model.guidance_input
     states = _train(config, ("teacher", "scd"), tmp_path / "run")
-    teacher_ema, _ = ckpt.restore_stage_ema(config, "teacher", str(tmp_path / "run"))
+    teacher_ema, _ = stage_restore.restore_stage_ema(config, "teacher", str(tmp_path / "run"))
     # The guided student starts from the unguided teacher (its guidance layer zero-initialized)
     # and the guidance path is trained.
     flat = {jax.tree_util.keystr(p): v for p, v in

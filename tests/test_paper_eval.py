@@ -13,6 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from scm_jax import checkpoint as ckpt
+
+from scm_jax import stage_identity
 from scm_jax import evaluate, objectives
 from scm_jax import sample as sample_cmd
 from scm_jax.data import data_shape
@@ -42,11 +44,11 @@ def _fake_checkpoint(config, stage, workdir, seed=0):
     objective = objectives.build(config, stage)
     shape = data_shape(config.data)
     state = jax.jit(lambda key: objective.init_state(key, shape))(jax.random.PRNGKey(seed))
-    directory = ckpt.stage_dir(config, stage, str(workdir))
+    directory = stage_identity.stage_dir(config, stage, str(workdir))
     store = ckpt.CheckpointStore(directory, async_save=False)
     store.save(config[stage].steps, state, {"batches": 0}, force=True)
     store.close()
-    ckpt.write_record(directory, ckpt.stage_record(config, objective))
+    stage_identity.write_record(directory, stage_identity.stage_record(config, objective))
 
 
 def test_cifar10_reference_statistics_and_evaluation(weights, tmp_path):

@@ -263,16 +263,17 @@ def test_checkpoints_from_before_the_switches_existed_still_load(tmp_path):
     """A record without the switches means the paper's choices: it matches a config at the
     defaults, and a switched architecture is refused by name."""
     from scm_jax import checkpoint as ckpt
+    from scm_jax import stage_identity
 
     config = load_experiment("digits", "variant=tiny")
     objective = objectives.build(config, "teacher")
-    record = ckpt.stage_record(config, objective)
+    record = stage_identity.stage_record(config, objective)
     old = json.loads(json.dumps(record))
     for key in ("time_transform", "time_embedding", "modulation"):
         del old["identity"]["model"][key]
-    ckpt.write_record(str(tmp_path), old)
-    ckpt.check_stage_config(str(tmp_path), record)
+    stage_identity.write_record(str(tmp_path), old)
+    stage_identity.check_stage_config(str(tmp_path), record)
     switched = load_experiment("digits", "variant=tiny", ["model.modulation=adagn"])
     with pytest.raises(ckpt.CheckpointMismatchError, match="model.modulation = 'adn' there"):
-        ckpt.check_stage_config(str(tmp_path),
-                                ckpt.stage_record(switched, objectives.build(switched, "teacher")))
+        stage_identity.check_stage_config(str(tmp_path),
+                                stage_identity.stage_record(switched, objectives.build(switched, "teacher")))

@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 
 from scm_jax import checkpoint as ckpt
+
+from scm_jax import stage_identity
+
+from scm_jax import stage_restore
 from scm_jax import main as entry
 from scm_jax import objectives, train
 from scm_jax.errors import ConfigError
@@ -118,7 +122,7 @@ def test_killed_run_resumes_to_the_same_parameters(teacher_dir, tmp_path, monkey
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5]
     # Both networks that start from the teacher's EMA did (sCM App. G.2; the fake score's
     # start is our choice): the fake score moved from it by a few Adam steps only.
-    teacher_ema = ckpt.restore_stage_ema(config, "teacher", os.path.dirname(teacher_dir))[0]
+    teacher_ema = stage_restore.restore_stage_ema(config, "teacher", os.path.dirname(teacher_dir))[0]
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
              zip(jax.tree.leaves(straight.nets["fake"].params), jax.tree.leaves(teacher_ema))]
     assert 0 < max(moved) < 0.01
@@ -203,7 +207,7 @@ def test_only_what_changes_a_checkpoint_blocks_resuming_or_loading_it(teacher_di
         train.train_stage(tiny_config(**{"data.sigma_d": 0.5, "teacher.steps": 4}), "teacher",
                           str(workdir), log=_quiet)
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"objective\.objective = 'diffusion'"):
-        ckpt.check_stage_config(workdir / "teacher", ckpt.stage_record(
+        stage_identity.check_stage_config(workdir / "teacher", stage_identity.stage_record(
             tiny_config(), objectives.build(tiny_config(), "sct")))
 
 

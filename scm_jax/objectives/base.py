@@ -32,7 +32,7 @@ import optax
 from flax import struct
 
 from scm_jax import ema as ema_lib
-from scm_jax import optimizers, sharding
+from scm_jax import optimizers, sharding, tree_checks
 from scm_jax.errors import ConfigError
 from scm_jax.networks import BACKBONES, bind_apply, build_network, init_backbone
 from scm_jax.networks.attention import resolve_attention_impl
@@ -65,13 +65,6 @@ class Network:
     optimizer: optax.GradientTransformation
     ema: Any = None                      # the stage's `ema` section, or None
     project: Callable = dataclasses.field(default=lambda params: params)
-
-
-def all_finite(tree) -> jax.Array:
-    """One boolean: every floating-point element of `tree` is finite (integers always are)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def stage_key(seed: int, name: str) -> jax.Array:
@@ -359,8 +352,8 @@ class Objective(abc.ABC):
                                              batch_size)
                     ema = ema_lib.update_ema(ema, new, beta)
                 nets[name] = NetState(new, opt_state, ema)
-            finite = (all_finite(metrics["loss"]) & all_finite(grads)
-                      & all_finite({name: net.params for name, net in nets.items()}))
+            finite = (tree_checks.finite(metrics["loss"]) & tree_checks.finite(grads)
+                      & tree_checks.finite({name: net.params for name, net in nets.items()}))
             if skip_nonfinite:   # keep the last finite state; the step still counts
                 nets = jax.tree.map(lambda new, old: jnp.where(finite, new, old), nets,
                                     state.nets)

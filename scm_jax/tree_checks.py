@@ -1,0 +1,89 @@
+"""Checks of array trees that checkpoints rely on: the same keys and shapes (`compare_trees`),
+a fingerprint of every array's bytes (`fingerprints`), and finiteness (`all_finite`)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scm_jax.errors import CheckpointMismatchError
+
+
+def _path_name(path) -> str:
+    """'nets/net/params/conv_in/kernel' whether the tree holds dataclasses, dicts or lists."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return "/".join(parts)
+
+
+def _leaf_shapes(tree) -> dict:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+
+
+def compare_trees(expected, found, where: str) -> None:
+    """Raises CheckpointMismatchError if `found` differs from `expected` in keys or shapes."""
+    exp, got = _leaf_shapes(expected), _leaf_shapes(found)
+    missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
+    if missing or extra:
+        raise CheckpointMismatchError(
+            f"checkpoint at {where} does not match this config: entries missing from it "
+            f"{missing[:5]}, unexpected entries {extra[:5]}")
+    for key in exp:
+        if exp[key] != got[key]:
+            raise CheckpointMismatchError(
+                f"checkpoint at {where} does not match this config: {key} has shape {got[key]} "
+                f"on disk but {exp[key]} in the model built from the config")
+
+
+# Every saved array's fingerprint, sum_i u_i (2 i + 1) c mod 2^32 over its bytes read as 32-bit
+# words u_i (c = 2654435761): any change of a single word changes it (each weight is odd), it is
+# exact integer arithmetic, so the same whatever the sharding or the number of processes, and it
+# is computed where the arrays live, before an asynchronous save and after a restore.
+_MIX = np.uint32(2654435761)
+
+
+def _words(x):
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    if x.dtype.itemsize == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    if x.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32).reshape(-1)
+    if x.dtype.itemsize == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    return x.astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _fingerprint_leaves(leaves):
+    out = []
+    for leaf in leaves:
+        words = _words(leaf)
+        weights = (jnp.arange(words.size, dtype=jnp.uint32) * np.uint32(2) + np.uint32(1)) * _MIX
+        out.append(jnp.sum(words * weights, dtype=jnp.uint32))
+    return out
+
+
+def fingerprints(tree) -> dict:
+    """{leaf path: 32-bit fingerprint} of every array of `tree` (see the comment above)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    names = [_path_name(path) for path, _ in flat]
+    values = jax.device_get(_fingerprint_leaves([leaf for _, leaf in flat]))
+    return {name: int(v) for name, v in zip(names, values)}
+
+
+def finite(tree) -> jax.Array:
+    """One boolean array: every floating-point element of `tree` is finite (integers always
+    are). Traceable: the train step guards its update with it."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def all_finite(tree) -> bool:
+    """True when every floating-point value of `tree` is finite."""
+    return bool(jax.jit(finite)(tree))
