@@ -24,10 +24,9 @@ import ml_collections
 
 from scm_jax import data as data_lib
 from scm_jax import objectives
-from scm_jax.errors import ConfigError, MissingInputError
+from scm_jax.errors import ConfigError, MissingInputError, check
 from scm_jax.evaluation import settings as eval_settings
 from scm_jax.networks import validate_model_config
-from scm_jax.objectives.base import check
 
 EVAL = "eval"
 ALL = "all"

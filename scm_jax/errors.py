@@ -24,3 +24,9 @@ class MissingInputError(UserError, FileNotFoundError):
 class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint on disk was written by a run of a different meaning (architecture, dataset,
     objective) or cannot be read. The message names the directory and the entry that differs."""
+
+
+def check(ok: bool, key: str, value, expected: str) -> None:
+    """Raises ConfigError('config.<key> = <value> is invalid: expected <expected>') unless ok."""
+    if not ok:
+        raise ConfigError(f"config.{key} = {value!r} is invalid: expected {expected}")

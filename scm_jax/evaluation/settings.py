@@ -17,12 +17,7 @@ import math
 
 import ml_collections
 
-from scm_jax.errors import ConfigError
-
-
-def check(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{key} = {value!r} is invalid: expected {expected}")
+from scm_jax.errors import check
 
 DEFAULTS = dict(
     num_samples=50_000,           # per (model, sampler, guidance scale), as the paper's metrics

@@ -33,7 +33,7 @@ from flax import struct
 
 from scm_jax import ema as ema_lib
 from scm_jax import optimizers, sharding, tree_checks
-from scm_jax.errors import ConfigError
+from scm_jax.errors import ConfigError, check
 from scm_jax.networks import BACKBONES, bind_apply, build_network, init_backbone
 from scm_jax.networks.attention import resolve_attention_impl
 from scm_jax.objectives.randomness import Randomness
@@ -103,11 +103,6 @@ def _merge(cfg: ml_collections.ConfigDict, overrides: dict, where: str) -> None:
         else:
             cfg[key] = value
 
-
-def check(ok: bool, key: str, value, expected: str) -> None:
-    """Raises ConfigError('config.<key> = <value> is invalid: expected <expected>')."""
-    if not ok:
-        raise ConfigError(f"config.{key} = {value!r} is invalid: expected {expected}")
 
 
 class Objective(abc.ABC):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scm_jax.networks import bind_apply, build_network
-from scm_jax.objectives.base import check
+from scm_jax.errors import check
 from scm_jax.objectives.randomness import GUIDANCE
 from scm_jax.objectives.regression import (RegressionObjective, bcast, check_adaptive_weighting,
                                            check_proposal, per_sample_sq_norm)

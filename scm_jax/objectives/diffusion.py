@@ -11,7 +11,7 @@ TrigFlow, so w_phi(t) plays the role of EDM2's -logvar. Label dropout trains the
 import jax.numpy as jnp
 
 from scm_jax import trigflow
-from scm_jax.objectives.base import check
+from scm_jax.errors import check
 from scm_jax.objectives.randomness import LABEL_DROP, Randomness
 from scm_jax.objectives.regression import (RegressionObjective, Targets, check_adaptive_weighting,
                                            check_proposal, draw_noisy)

@@ -19,8 +19,9 @@ import numpy as np
 from flax import struct
 
 from scm_jax import trigflow
+from scm_jax.errors import check
 from scm_jax.networks import AdaptiveWeight
-from scm_jax.objectives.base import Network, Objective, check
+from scm_jax.objectives.base import Network, Objective
 from scm_jax.objectives.randomness import TIME, NOISE, Randomness
 
 

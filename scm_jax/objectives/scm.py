@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from scm_jax import trigflow
-from scm_jax.objectives.base import check
+from scm_jax.errors import check
 from scm_jax.objectives.consistency import (ConsistencyObjective, extend, normalize_tangent,
                                             warmup_ratio)
 from scm_jax.objectives.randomness import Randomness

@@ -36,8 +36,9 @@ import numpy as np
 from flax import struct
 
 from scm_jax import optimizers, trigflow
+from scm_jax.errors import check
 from scm_jax.networks import AdaptiveWeight, bind_apply, build_network, init_backbone
-from scm_jax.objectives.base import Network, check
+from scm_jax.objectives.base import Network
 from scm_jax.objectives.consistency import extend
 from scm_jax.objectives.diffusion import diffusion_targets
 from scm_jax.objectives.randomness import FAKE_SCORE, VSD_LATENT, VSD_NOISE, VSD_TIME
