@@ -122,9 +122,9 @@ def train_stage(config, name: str, workdir, *, log=print):
     teacher_params = None
     if objective.teacher_stage and (objective.distills or not resuming):
         # Restored straight into the shardings the step was jitted with.
-        teacher_params, _ = stage_restore.restore_stage_ema(config, objective.teacher_stage, workdir,
-                                                   mesh, stage.rules,
-                                                   abstract_ema=stage.teacher_abstract, log=say)
+        teacher_params, _ = stage_restore.restore_stage_ema(
+            config, objective.teacher_stage, workdir, mesh, stage.rules,
+            abstract_ema=stage.teacher_abstract, log=say)
     step_teacher = teacher_params if objective.distills else None
 
     # --- One run per stage directory, from here on (nothing was written before) -------------

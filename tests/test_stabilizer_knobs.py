@@ -275,5 +275,6 @@ def test_checkpoints_from_before_the_switches_existed_still_load(tmp_path):
     stage_identity.check_stage_config(str(tmp_path), record)
     switched = load_experiment("digits", "variant=tiny", ["model.modulation=adagn"])
     with pytest.raises(ckpt.CheckpointMismatchError, match="model.modulation = 'adn' there"):
-        stage_identity.check_stage_config(str(tmp_path),
-                                stage_identity.stage_record(switched, objectives.build(switched, "teacher")))
+        stage_identity.check_stage_config(
+            str(tmp_path), stage_identity.stage_record(switched, objectives.build(switched,
+                                                                                  "teacher")))
