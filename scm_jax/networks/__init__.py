@@ -12,7 +12,7 @@ from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import check_attention_impl
 from scm_jax.networks.layers import (MODULATIONS, REMAT_MODES, TIME_EMBEDDINGS, TIME_TRANSFORMS,
                                     AdaptiveWeight)
-from scm_jax.networks import ddpmpp, dit, edm2, unet
+from scm_jax.networks import ddpmpp, dit, edm2, edm2_names, unet
 from scm_jax.networks.scan import init_like_unrolled
 from scm_jax.networks.unet import UNet
 
@@ -50,39 +50,64 @@ def build_network(model: ml_collections.ConfigDict, *, dropout: float | None = N
 NON_IDENTITY_KEYS = ("attention_impl", "dtype", "dropout", "dropout_max_resolution", "remat",
                      "scan_blocks")
 
-# The sCM Sec. 4.1 architecture switches, for ablations: key -> (allowed values, the default
-# (the paper's choice), the values only the 'unet' backbone implements). A key absent from
-# config.model means its default.
+# The sCM Sec. 4.1 architecture switches, for ablations, and EDM2's own network: key ->
+# (allowed values, the default (the paper's choice), {backbone: the non-default values it
+# implements}); a backbone not listed implements the default alone. A key absent from
+# config.model means its default (also for checkpoints written before the key existed).
 #   time_transform   'identity': c_noise(t) = t (paper) | 'edm': ln(sigma_d tan t) / 4 (Eq. 7)
-#   time_embedding   'positional' (paper) | 'fourier': fixed random features of scale 16 (Fig. 4)
+#   time_embedding   'positional' (paper) | 'fourier': fixed random features of scale 16
+#                    (Fig. 4; unet) | 'mp_fourier': EDM2's MPFourier (edm2)
 #   modulation       'adn': adaptive double normalization (paper) | 'adagn': AdaGN
+#   edm2_native      False | True: EDM2's published network, negated (edm2.NATIVE): the TrigFlow
+#                    F of an EDM2 denoiser, for teachers imported from EDM2 (edm2_names)
 # `modulation` is also a key of the other backbones, with values of their own (ddpmpp
 # 'additive', edm2 'edm2', dit 'adaln', which their `from_config` checks): for them only
 # 'adagn' is rejected here.
 STABILIZER_KEYS = {
-    "time_transform": (TIME_TRANSFORMS, "identity", tuple(v for v in TIME_TRANSFORMS
-                                                          if v != "identity")),
-    "time_embedding": (tuple(TIME_EMBEDDINGS), "positional", tuple(v for v in TIME_EMBEDDINGS
-                                                                 if v != "positional")),
-    "modulation": (tuple(MODULATIONS), "adn", ("adagn",)),
+    "time_transform": (TIME_TRANSFORMS, "identity", {"unet": ("edm",), "edm2": ("edm",)}),
+    "time_embedding": (tuple(dict.fromkeys(tuple(TIME_EMBEDDINGS) + edm2.TIME_EMBEDDINGS)),
+                       "positional", {"unet": ("fourier",), "edm2": ("mp_fourier",)}),
+    "modulation": (tuple(MODULATIONS), "adn", {"unet": ("adagn",)}),
+    "edm2_native": ((False, True), False, {"edm2": (True,)}),
 }
 
 
+def _unsupported(key: str, value, backbones: list, name: str) -> str:
+    if "unet" in backbones:   # the ablation switches; some EDM2's too
+        others = [repr(b) for b in backbones if b != "unet"]
+        where = "the 'unet' backbone only" + (f", and by {' and '.join(others)}" if others
+                                              else "")
+    else:
+        where = f"the {' and '.join(repr(b) for b in backbones)} backbone only"
+    return f"config.model.{key} = {value!r} is supported by {where} (config.model.name = {name!r})"
+
+
 def check_stabilizer_keys(model: ml_collections.ConfigDict) -> None:
-    """The switches of `STABILIZER_KEYS`: known values, and non-default ones on the 'unet'
-    backbone only (the other backbones implement the paper's choices alone). ConfigError."""
-    for key, (allowed, _, unet_only) in STABILIZER_KEYS.items():
+    """The switches of `STABILIZER_KEYS`: known values, each non-default one on a backbone that
+    implements it only. ConfigError naming the key, its value and what is expected."""
+    for key, (allowed, default, backbones) in STABILIZER_KEYS.items():
         if key not in model:
             continue
         value = model[key]
-        if model.name != "unet" and value in unet_only:
-            raise ConfigError(f"config.model.{key} = {value!r} is supported by the 'unet' "
-                              f"backbone only (config.model.name = {model.name!r})")
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"config.model.{key} = {value!r} is invalid: expected True or "
+                              f"False")
+        supporters = sorted(b for b, values in backbones.items() if value in values)
+        if value != default and supporters and model.name not in supporters:
+            raise ConfigError(_unsupported(key, value, supporters, model.name))
         if model.name != "unet" and key == "modulation":
             continue   # the backbone's own values, checked by its from_config
         if value not in allowed:
             raise ConfigError(f"config.model.{key} = {value!r} is invalid: expected one of "
                               f"{allowed}")
+
+
+def needs_sigma_d(model: ml_collections.ConfigDict) -> bool:
+    """Whether the network's time input needs the data std (config.data.sigma_d, which the
+    objectives copy into config.model.sigma_d): time_transform 'edm' (c_noise = ln(sigma_d
+    tan t) / 4), set directly or by edm2_native."""
+    return (model.get("time_transform", "identity") == "edm"
+            or model.get("edm2_native", False) is True)
 
 
 def validate_model_config(model: ml_collections.ConfigDict) -> None:
@@ -141,4 +166,5 @@ def bind_apply(module, *, train: bool):
 
 
 __all__ = ["AdaptiveWeight", "BACKBONES", "NON_IDENTITY_KEYS", "STABILIZER_KEYS", "UNet",
-           "bind_apply", "build_network", "init_backbone", "check_stabilizer_keys", "validate_model_config"]
+           "bind_apply", "build_network", "init_backbone", "check_stabilizer_keys",
+           "edm2_names", "needs_sigma_d", "validate_model_config"]

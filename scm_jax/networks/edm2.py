@@ -13,6 +13,27 @@ EDM2's magnitude-preserving U-Net (`mp_layers.py` holds the primitives), changed
 EDM2's logvar head is not part of the backbone (the package trains its own `AdaptiveWeight`).
 The network computes F in x_t / sigma_d space; preconditioning lives in `trigflow`. Forced weight
 normalization is `project_params`, applied by the train step after every optimizer update.
+
+EDM2-native mode (`NATIVE`; config.model.edm2_native = True) computes EDM2's published network
+exactly, so that a network imported from EDM2's pickles (`edm2_names.params_from_edm2`) serves
+as a TrigFlow teacher. EDM2's denoiser is D(x; sigma) = c_skip x + c_out F_edm(c_in x, c_noise,
+y) with c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in =
+1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4 (sd = sigma_d; EDM2 Sec. 2, Karras et al.
+2024). TrigFlow's x_t = cos t x_0 + sin t z is EDM's x = x_t / cos t at sigma = sd tan t (sCM
+Eq. 30, Lu & Song 2025), where c_skip = cos^2 t, c_out = sd sin t and c_in x = x_t / sd, so
+D(x_t / cos t; sd tan t) = cos t x_t + sd sin t F_edm(x_t / sd, ln(sd tan t) / 4, y). Equal to
+the consistency function f = cos t x_t - sd sin t F(x_t / sd, t) (sCM Eq. 5) for every x_t iff
+
+    F(x_t / sd, t, y) = -F_edm(x_t / sd, ln(sd tan t) / 4, y):
+
+EDM2's U-Net, fed the same input, with EDM's time input, negated. NATIVE sets each part:
+time_transform 'edm' (c_noise = ln(sd tan t) / 4, `layers.noise_conditioning`; needs sigma_d),
+time_embedding 'mp_fourier' (EDM2's MPFourier, `mp_layers.MPFourier`), modulation 'edm2',
+negate_output, and EDM2's balances (concat_balance 0.5: the default of this module, 0.3, is
+not EDM2's, and stays for the checkpoints trained with it). In the rearranged sCM tangent (the
+t tangent cos t sin t sd, `objectives.scm.scm_tangent`), the time input's tangent is
+cos t sin t sd d c_noise/dt = sd / 4 at every t, while sin t d c_noise/dt = 1 / (4 cos t) is
+unbounded (sCM Eq. 7).
 """
 import functools
 from typing import Sequence
@@ -24,13 +45,20 @@ import numpy as np
 
 from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import adaptive_double_norm, at_least_f32, check_inputs, remat_block
-from scm_jax.networks.mp_layers import (DENSE_AXES, MP_WEIGHT, MPConv, mp_cat,
+from scm_jax.networks.layers import (TIME_TRANSFORMS, adaptive_double_norm, at_least_f32,
+                                    check_inputs, noise_conditioning, remat_block)
+from scm_jax.networks.mp_layers import (DENSE_AXES, MP_WEIGHT, MPConv, MPFourier, mp_cat,
                                         mp_positional_features, mp_silu, mp_sum, normalize,
                                         project_weight)
 from scm_jax.networks.scan import apply_blocks, layer_axis_leaf
 
 MODULATIONS = ("adn", "edm2")
+TIME_EMBEDDINGS = ("positional", "mp_fourier")   # what embeds c_noise(t)
+# EDM2's own network (Karras et al. 2024; NVlabs/edm2 UNet and Block defaults, which EDM2's
+# published networks use), negated: the TrigFlow F of an EDM2 denoiser (module docstring).
+NATIVE = dict(time_transform="edm", time_embedding="mp_fourier", modulation="edm2",
+              negate_output=True, label_balance=0.5, concat_balance=0.5, res_balance=0.3,
+              attn_balance=0.3, clip_act=256.0)
 ACTIVATION_AXES = ("batch", "height", "width", "channels")
 
 
@@ -148,6 +176,11 @@ class EDM2UNet(nn.Module):
     Resolution R halves once per entry of `channel_mult` after the first. noise_channels defaults
     to model_channels * channel_mult[0] and emb_channels to model_channels * max(channel_mult), as
     in EDM2. Output in float32 (float64 when dtype is float64).
+
+    The time input is c_noise = noise_conditioning(t, time_transform, sigma_d) ('identity': t;
+    'edm': ln(sigma_d tan t) / 4, which needs sigma_d), embedded by `time_embedding`
+    ('positional': sCM's; 'mp_fourier': EDM2's MPFourier, params emb_fourier/{freqs, phases}
+    [noise_channels]); negate_output returns -UNet(...). `NATIVE` sets these to EDM2's network.
     """
 
     model_channels: int = 192
@@ -167,15 +200,25 @@ class EDM2UNet(nn.Module):
     dropout: float = 0.0
     dropout_max_resolution: int = 0     # dropout only at resolutions <= this; 0: everywhere
     modulation: str = "adn"
+    time_transform: str = "identity"
+    time_embedding: str = "positional"
+    sigma_d: float | None = None        # the data std; time_transform 'edm' needs it
+    negate_output: bool = False
     attention_impl: str = "xla"
     remat: str = "none"
     scan_blocks: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def _check_inputs(self, x, t, y, guidance):
-        if self.modulation not in MODULATIONS:
-            raise ValueError(f"unknown modulation {self.modulation!r}; expected one of "
-                             f"{MODULATIONS}")
+        for name, value, allowed in (("modulation", self.modulation, MODULATIONS),
+                                     ("time_transform", self.time_transform, TIME_TRANSFORMS),
+                                     ("time_embedding", self.time_embedding, TIME_EMBEDDINGS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if self.time_transform == "edm" and self.sigma_d is None:
+            raise ValueError("EDM2UNet with time_transform='edm' (c_noise = ln(sigma_d tan t) / "
+                             "4) needs sigma_d: from_config reads config.model.sigma_d, which "
+                             "the objectives fill from config.data.sigma_d")
         check_attention_impl(self.attention_impl)
         if x.ndim != 4 or x.shape[1] != x.shape[2]:
             raise ValueError(f"expected square images x of shape [B, R, R, C], got {x.shape}")
@@ -191,7 +234,12 @@ class EDM2UNet(nn.Module):
         dtype = at_least_f32(self.dtype)
         cnoise = self.noise_channels or self.model_channels * self.channel_mult[0]
         cemb = self.emb_channels or self.model_channels * max(self.channel_mult)
-        emb = MPConv(cemb, dtype=dtype, name="emb_noise")(mp_positional_features(t, cnoise))
+        c_noise = noise_conditioning(t, self.time_transform, self.sigma_d)
+        if self.time_embedding == "mp_fourier":
+            features = MPFourier(cnoise, name="emb_fourier")(c_noise)
+        else:
+            features = mp_positional_features(c_noise, cnoise)
+        emb = MPConv(cemb, dtype=dtype, name="emb_noise")(features)
         if self.guidance_input:
             g = mp_positional_features(jnp.broadcast_to(guidance, t.shape).astype(t.dtype), cnoise)
             # Plain zero-initialized linear (not MP: forced normalization would blow a zero weight
@@ -266,6 +314,8 @@ class EDM2UNet(nn.Module):
                        merge=functools.partial(mp_cat, t=self.concat_balance))
         out = MPConv(x.shape[-1], (3, 3), dtype=self.dtype, name="out_conv")(
             h, _scalar_gain(self, "out_gain"))
+        if self.negate_output:
+            out = -out
         return out.astype(at_least_f32(self.dtype))
 
 
@@ -318,6 +368,38 @@ def preset_config(size: str) -> dict:
 CONFIG_KEYS = ("channels", "channel_mult", "num_blocks", "attn_resolutions", "channels_per_head",
                "num_classes", "guidance_input", "attention_impl", "dropout_max_resolution",
                "noise_channels", "modulation")
+NATIVE_KEYS = ("time_transform", "time_embedding", "modulation")   # config keys NATIVE fixes
+
+
+def native_mismatches(module: "EDM2UNet") -> list[str]:
+    """The settings of `module` that differ from `NATIVE`, as 'name=value (EDM2: value)'."""
+    return [f"{key}={getattr(module, key)!r} (EDM2: {value!r})" for key, value in NATIVE.items()
+            if getattr(module, key) != value]
+
+
+def _time_settings(model) -> dict:
+    """time_transform, time_embedding, modulation and, with edm2_native, the rest of NATIVE."""
+    native = model.get("edm2_native", False)
+    if not isinstance(native, bool):
+        raise ConfigError(f"config.model.edm2_native = {native!r} is invalid: expected True "
+                          f"(EDM2's own network, negated: the TrigFlow F of an EDM2 denoiser) "
+                          f"or False")
+    if native:
+        for key in NATIVE_KEYS:
+            if key in model and model[key] != NATIVE[key]:
+                raise ConfigError(f"config.model.{key} = {model[key]!r} contradicts "
+                                  f"config.model.edm2_native = True: expected {NATIVE[key]!r} "
+                                  f"(EDM2's own network; {key} may also be left out)")
+        return dict(NATIVE)
+    settings = dict(time_transform=model.get("time_transform", "identity"),
+                    time_embedding=model.get("time_embedding", "positional"),
+                    modulation=model.modulation)
+    for key, allowed in (("modulation", MODULATIONS), ("time_transform", TIME_TRANSFORMS),
+                         ("time_embedding", TIME_EMBEDDINGS)):
+        if settings[key] not in allowed:
+            raise ConfigError(f"config.model.{key} = {settings[key]!r} is invalid for the edm2 "
+                              f"backbone: expected one of {allowed}")
+    return settings
 
 
 def from_config(model, *, dropout: float, dtype) -> EDM2UNet:
@@ -326,8 +408,12 @@ def from_config(model, *, dropout: float, dtype) -> EDM2UNet:
     Reads: channels (model_channels), channel_mult, num_blocks, attn_resolutions,
     channels_per_head, num_classes, guidance_input, attention_impl, dropout_max_resolution,
     noise_channels (0/None: model_channels * channel_mult[0]), modulation ('adn' | 'edm2') and,
-    optionally, emb_channels (absent/0/None: model_channels * max(channel_mult)). `dropout` and
-    `dtype` come from the caller (each stage sets its own rate).
+    optionally (absent: the first value): emb_channels (0/None: model_channels *
+    max(channel_mult)), time_transform ('identity' | 'edm'), time_embedding ('positional' |
+    'mp_fourier'), edm2_native (False | True: every setting of `NATIVE`; time_transform and
+    time_embedding then absent or EDM2's, modulation 'edm2'), remat, scan_blocks, and sigma_d,
+    which only the objectives set (from config.data.sigma_d; time_transform 'edm' needs it).
+    `dropout` and `dtype` come from the caller (each stage sets its own rate).
     """
     missing = [k for k in CONFIG_KEYS if k not in model]
     if missing:
@@ -351,9 +437,10 @@ def from_config(model, *, dropout: float, dtype) -> EDM2UNet:
         guidance_input=model.guidance_input,
         attention_impl=model.attention_impl,
         dropout_max_resolution=model.dropout_max_resolution,
-        modulation=model.modulation,
+        sigma_d=model.get("sigma_d", None),
         remat=model.get("remat", "none"),
         scan_blocks=bool(model.get("scan_blocks", False)),
         dropout=dropout,
         dtype=dtype,
+        **_time_settings(model),
     )

@@ -71,6 +71,52 @@ def mp_positional_features(c: jax.Array, num_channels: int) -> jax.Array:
     return positional_embedding(c, num_channels) * np.sqrt(2.0)
 
 
+# EDM2's MPFourier draws its buffers once from torch's global generator; here they are drawn
+# from numpy's with a fixed seed, so every init (whatever its key) gives the same ones.
+MP_FOURIER_SEED = 0
+
+
+def mp_fourier_buffers(num_channels: int, bandwidth: float = 1.0,
+                       seed: int = MP_FOURIER_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """EDM2's MPFourier buffers, drawn as EDM2 draws them (EDM2 Eq. 75): freqs = 2 pi N(0, 1)
+    bandwidth and phases = 2 pi U[0, 1), each [num_channels] float64 (numpy)."""
+    rng = np.random.default_rng(seed)
+    freqs = 2 * np.pi * rng.standard_normal(num_channels) * bandwidth
+    return freqs, 2 * np.pi * rng.random(num_channels)
+
+
+class MPFourier(nn.Module):
+    """EDM2's magnitude-preserving Fourier features (EDM2 Eq. 75): c [B] -> [B, N],
+
+        y = sqrt(2) cos(c freqs + phases),   freqs, phases: [N],
+
+    unit RMS for random phases. freqs and phases are params (`freqs`, `phases`) so that an
+    imported EDM2 network (`edm2_names.params_from_edm2`) can carry its own buffers, but they
+    are constants of the network: the forward reads them through `jax.lax.stop_gradient`, so
+    their gradient is exactly zero, and Adam / RAdam with a zero gradient and no weight decay
+    (`scm_jax.optimizers` has none) leave them unchanged. Initialized by `mp_fourier_buffers`.
+    Computed in float32 at least (float64 stays float64), as EDM2 computes it in float32.
+    """
+
+    num_channels: int
+    bandwidth: float = 1.0
+
+    @nn.compact
+    def __call__(self, c: jax.Array) -> jax.Array:
+        def init(which):
+            def draw(key, shape, dtype=jnp.float32):   # the key is unused: a fixed seed
+                del key
+                return jnp.asarray(mp_fourier_buffers(shape[0], self.bandwidth)[which], dtype)
+            return nn.with_logical_partitioning(draw, ("embed_in",))
+
+        freqs = self.param("freqs", init(0), (self.num_channels,), jnp.float32)
+        phases = self.param("phases", init(1), (self.num_channels,), jnp.float32)
+        dtype = at_least_f32(c.dtype)
+        freqs, phases = (jax.lax.stop_gradient(v).astype(dtype) for v in (freqs, phases))
+        angles = c.astype(dtype)[:, None] * freqs[None, :] + phases[None, :]
+        return jnp.cos(angles) * float(np.sqrt(2.0))
+
+
 class MPConv(nn.Module):
     """MP convolution (kernel_size (kh, kw)) or dense layer (kernel_size ()): EDM2 Eq. 47.
 

@@ -20,7 +20,7 @@ from flax import struct
 
 from scm_jax import trigflow
 from scm_jax.errors import check
-from scm_jax.networks import AdaptiveWeight
+from scm_jax.networks import AdaptiveWeight, needs_sigma_d
 from scm_jax.objectives.base import Network, Objective
 from scm_jax.objectives.randomness import TIME, NOISE, Randomness
 
@@ -107,12 +107,12 @@ class RegressionObjective(Objective):
     """
 
     def model_config(self, config):
-        """config.model, plus `sigma_d` = config.data.sigma_d when model.time_transform is
-        'edm': the network's c_noise = ln(sigma_d tan t) / 4 needs the data std, which is
-        config.data's (one value, not a second copy in config.model). Only then, so the model
-        identity of every other run is unchanged."""
+        """config.model, plus `sigma_d` = config.data.sigma_d when the network's time input is
+        EDM's (model.time_transform 'edm', or model.edm2_native): c_noise = ln(sigma_d tan t)
+        / 4 needs the data std, which is config.data's (one value, not a second copy in
+        config.model). Only then, so the model identity of every other run is unchanged."""
         model = super().model_config(config)
-        if model.get("time_transform", "identity") == "edm":
+        if needs_sigma_d(model):
             with model.unlocked():
                 model.sigma_d = float(config.data.sigma_d)
         return model
