@@ -18,6 +18,9 @@ from scm_jax.checkpoint_layout import saved_layout, to_config_layout
 from scm_jax.errors import CheckpointMismatchError, UserError
 from scm_jax.tree_checks import compare_trees, fingerprints
 
+# The data-position entry of a checkpoint whose weights were imported (`import_teacher`): no
+# data was read, so a resumed run starts its data pipeline at the beginning.
+IMPORTED = "imported"
 QUARANTINE_PREFIX = "corrupt-"   # checkpoints/corrupt-<step>-<time>: set aside, kept for forensics
 
 

@@ -23,11 +23,8 @@ import jax
 import numpy as np
 
 from scm_jax import checkpoint as ckpt
-
-from scm_jax import stage_identity
-
-from scm_jax import stage_restore
-from scm_jax import configs, files, objectives, sampling, sharding
+from scm_jax import (configs, files, objectives, sampling, sharding, stage_identity,
+                     stage_restore)
 from scm_jax.data import data_shape
 from scm_jax.errors import MissingInputError
 from scm_jax.evaluation import evaluators

@@ -170,9 +170,18 @@ def _cm_stages(config, *, cm: dict, steps, sct_steps, scd_steps, sct_dropout, sc
 def imagenet_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
     """ImageNet 64 (pixels) or 512 (SD-VAE latents) with the EDM2 U-Net (or DiT for latents).
 
-    arg: variant=s|m|l|xl[|xxl]|runlocal, stage=teacher|scd|sct|dscd|all, backbone=edm2|dit.
+    arg: variant=s|m|l|xl[|xxl]|runlocal, stage=teacher|scd|sct|dscd|all, backbone=edm2|dit,
+    teacher=trigflow|edm2. teacher=edm2 builds EDM2's own network (`model.edm2_native`: EDM's
+    time input, EDM2's modulation, negated) so that a teacher imported from EDM2's published
+    pickles (`python -m scm_jax.import_teacher`) is distilled; the students share it.
     """
-    args = configs.parse_arg(arg, {"variant": "s", "backbone": "edm2", "stage": "all"})
+    args = configs.parse_arg(arg, {"variant": "s", "backbone": "edm2", "stage": "all",
+                                   "teacher": "trigflow"})
+    if args.teacher not in ("trigflow", "edm2") or (args.teacher == "edm2"
+                                                    and args.backbone != "edm2"):
+        raise ConfigError(f"unknown teacher {args.teacher!r} for backbone {args.backbone!r}; "
+                          f"expected 'trigflow'" + (" or 'edm2'" if args.backbone == "edm2"
+                                                    else ""))
     if args.backbone not in ("edm2", "dit") or (args.backbone == "dit" and dataset != "imagenet512"):
         raise ConfigError(
             f"unknown backbone {args.backbone!r} for {dataset}; expected 'edm2'"
@@ -195,6 +204,9 @@ def imagenet_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
         data = image_data_config("imagenet64", resolution=16 if tiny else 64)
     config = _base(args, data, _edm2_model(size, 1000, tiny), dataset)
     config.paper_params_m = 0.0 if tiny else table["paper_params_m"][size]
+    if args.teacher == "edm2":   # EDM2's published network: its modulation, time input, sign
+        config.model.modulation = "edm2"
+        config.model.edm2_native = True
 
     batch = 16 if tiny else 2048
     steps, every = _lengths(tiny)

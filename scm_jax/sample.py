@@ -24,8 +24,7 @@ import jax
 import numpy as np
 
 
-from scm_jax import stage_restore
-from scm_jax import cli, configs, files, objectives, sampling, sharding
+from scm_jax import cli, configs, files, objectives, sampling, sharding, stage_restore
 from scm_jax.data import data_shape
 from scm_jax.errors import ConfigError
 

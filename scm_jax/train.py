@@ -14,13 +14,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from scm_jax import checkpoint as ckpt
-
-from scm_jax import stage_identity
-
-from scm_jax import stage_restore
-
-from scm_jax import tree_checks
-from scm_jax import configs, files, objectives, preemption, processes, sampling, sharding
+from scm_jax import (configs, files, objectives, preemption, processes, sampling, sharding,
+                     stage_identity, stage_restore, tree_checks)
 from scm_jax.data import build_train_batches
 from scm_jax.errors import ConfigError, UserError
 from scm_jax.evaluate import in_loop
@@ -156,7 +151,12 @@ def _restore_or_initialize(config, name, stage, store, batches, workdir, teacher
             raise ckpt.CheckpointMismatchError(
                 f"checkpoint {step} in {directory} holds non-finite values (NaN or inf); it "
                 f"cannot be resumed: delete it (and any later one) or the stage directory")
-        batches.set_state(data_state)
+        if isinstance(data_state, dict) and ckpt.IMPORTED in data_state:
+            # Weights imported (`import_teacher`), no data read: the pipeline starts afresh.
+            say(f"[{name}] imported from {data_state[ckpt.IMPORTED]}: the data pipeline starts at "
+                f"its beginning")
+        else:
+            batches.set_state(data_state)
         say(f"[{name}] resumed from step {int(state.step)} in {directory}")
     else:
         state = jax.jit(lambda k: objective.init_state(k, stage.image_shape),

@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 
 from scm_jax import checkpoint as ckpt
-
 from scm_jax import stage_identity
-
 from scm_jax import tree_checks
 from scm_jax import main as entry
 from scm_jax import objectives, train

@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 
 from scm_jax import checkpoint as ckpt
-
-from scm_jax import stage_identity
-
-from scm_jax import stage_restore
+from scm_jax import stage_identity, stage_restore
 from scm_jax import main as entry
 from scm_jax import objectives, train
 from scm_jax.errors import ConfigError
