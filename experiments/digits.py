@@ -6,7 +6,10 @@ runs, in order: the TrigFlow diffusion teacher, sCD and sCT (both initialized fr
 EMA, sCM App. G.2), the discrete-time dsCD baseline (App. E), aVSD alone and sCD + aVSD
 (App. C), then the evaluation table. Any stage runs alone with
 `:stage=teacher|scd|sct|dscd|vsd|scd_vsd|eval`; `:variant=tiny` is a seconds-long
-smoke version (used by the tests). Overrides: `--config.scd.steps=500` etc.
+smoke version (used by the tests). Overrides: `--config.scd.steps=500` etc. `:teacher=edm2`
+swaps the U-Net for EDM2's own network at a small width (`model.edm2_native`: EDM's time input,
+EDM2's modulation, the output negated), the network a teacher imported from EDM2's pickles has
+(`benchmarks/edm2_digits.py` trains one, writes it as an EDM2 pickle, imports and distills it).
 
 Choices for this dataset (the paper has none): sigma_d = 0.75 is the measured std of the pixels
 scaled to [-1, 1] (TrigFlow wants noise of the data's std); the teacher's proposal follows the
@@ -23,10 +26,12 @@ from scm_jax.errors import ConfigError
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = configs.parse_arg(arg, {"variant": "default", "stage": "all"})
+    args = configs.parse_arg(arg, {"variant": "default", "stage": "all", "teacher": "trigflow"})
     if args.variant not in ("default", "tiny"):
         raise ConfigError(f"unknown variant {args.variant!r}; expected 'default' or "
                           f"'tiny'")
+    if args.teacher not in ("trigflow", "edm2"):
+        raise ConfigError(f"unknown teacher {args.teacher!r}; expected 'trigflow' or 'edm2'")
     tiny = args.variant == "tiny"
 
     config = ml_collections.ConfigDict()
@@ -56,6 +61,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         time_embedding="positional",  # | 'fourier' (scale 16)
         modulation="adn",             # adaptive double normalization | 'adagn'
     ))
+    if args.teacher == "edm2":
+        # EDM2's U-Net (magnitude-preserving, Karras et al. 2024) at the U-Net's widths: two
+        # levels (8x8, 4x4), one block each, attention at 4x4 (two heads of 32; EDM2 always
+        # attends in the lowest level's first decoder block).
+        config.model = ml_collections.ConfigDict(dict(
+            name="edm2", channels=8 if tiny else 32, channel_mult=(1,) if tiny else (1, 2),
+            num_blocks=1, attn_resolutions=() if tiny else (4,),
+            channels_per_head=8 if tiny else 32,
+            noise_channels=16 if tiny else 64, emb_channels=16 if tiny else 128,
+            weight_channels=16 if tiny else 128, num_classes=10, guidance_input=False,
+            attention_impl="xla", dropout=0.0, dropout_max_resolution=0, modulation="edm2",
+            edm2_native=True, remat="none", scan_blocks=False, dtype="float32"))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
     steps = lambda n: 4 if tiny else n  # noqa: E731

@@ -133,10 +133,36 @@ def test_the_command_is_one_line_errors_and_help(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(errors) == 1 and "missing.pkl" in errors[0], proc.stderr
     bad = tmp_path / "bad.pkl"
-    edm2_format.write_edm2_pickle(bad, edm2_format.random_edm2_params(KWARGS, np.random.default_rng(2)),
-                                  KWARGS, extra_globals={"x": (os.system, ("true",))})
+    weights = edm2_format.random_edm2_params(KWARGS, np.random.default_rng(2))
+    edm2_format.write_edm2_pickle(bad, weights, KWARGS,
+                                  extra_globals={"x": (os.system, ("true",))})
     proc = run("--config=experiments/imagenet512.py:variant=runlocal,teacher=edm2",
                f"--pkl={bad}", f"--workdir={tmp_path / 'run'}")
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(errors) == 1 and "system" in errors[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_digits_end_to_end_through_an_edm2_pickle(tmp_path):
+    """benchmarks/edm2_digits.py (tiny): a digits teacher trained in EDM2's parameterization,
+    written as an EDM2 pickle, imported, distilled by sCD and evaluated."""
+    out = tmp_path / "edm2_digits.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "edm2_digits.py"),
+                           f"--workdir={tmp_path / 'run'}", f"--json={out}", "--variant=tiny"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {(r["model"], r["nfe"]) for r in result["results"]["rows"]}
+    assert {("teacher", 3), ("scd", 1), ("scd", 2)} <= rows
+    assert result["scd_stability"]["all_losses_finite"]
+    assert result["scd_stability"]["tangent_norm_max"] > 0
+    # The imported teacher is the trained one, through the pickle's float16.
+    config = load_experiment("digits", "variant=tiny,teacher=edm2")
+    trained, _ = stage_restore.restore_stage_ema(config, "teacher",
+                                                 str(tmp_path / "run" / "trained"))
+    imported, _ = stage_restore.restore_stage_ema(config, "teacher",
+                                                  str(tmp_path / "run" / "imported"))
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(imported)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_array_equal(b, a.astype(np.float16).astype(np.float32))
