@@ -28,7 +28,8 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 
-from scm_jax import configs, evaluate, import_teacher, objectives, stage_restore, train  # noqa: E402
+from scm_jax import (configs, evaluate, import_teacher, objectives,  # noqa: E402
+                     stage_restore, train)
 from scm_jax.networks.edm2_names import params_to_edm2  # noqa: E402
 from tests import edm2_format  # noqa: E402  (the EDM2-format pickle writer)
 

@@ -167,7 +167,8 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
                    **scorer.summary())
     for name in stages:
         if not found[name]:
-            say(f"[eval] skipping {name}: no checkpoint in {stage_identity.stage_dir(config, name, workdir)}")
+            where = stage_identity.stage_dir(config, name, workdir)
+            say(f"[eval] skipping {name}: no checkpoint in {where}")
             continue
         objective = objectives.build(config, name)
         params, step = stage_restore.restore_stage_ema(config, name, workdir, mesh)
