@@ -27,20 +27,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import (adaptive_double_norm, at_least_f32, check_inputs,
-                                    positional_embedding, remat_block)
+from scm_jax.networks.layers import (VECTOR_AXES, XAVIER, ZEROS,
+                                    adaptive_double_norm, at_least_f32, check_backbone_config,
+                                    check_inputs, dense, positional_embedding, remat_block)
 from scm_jax.networks.scan import apply_blocks
 
 MODULATIONS = ("adn", "additive")
 CONV_AXES = ("conv_height", "conv_width", "embed_in", "embed_out")
-DENSE_AXES = ("embed_in", "embed_out")
-VECTOR_AXES = ("norm",)
 MAP_AXES = ("batch", "height", "width", "channels")
 
-XAVIER = nn.initializers.xavier_uniform()
-ZEROS = nn.initializers.zeros
 # EDM's init_attn: Xavier-uniform scaled by sqrt(0.2) (variance by 0.2).
 ATTN_INIT = nn.initializers.variance_scaling(0.2, "fan_avg", "uniform")
 SKIP_SCALE = float(np.sqrt(0.5))
@@ -59,12 +55,6 @@ def _conv(features, kernel, name, dtype, init=XAVIER):
     return nn.Conv(features, (kernel, kernel), padding="SAME", dtype=dtype, name=name,
                    kernel_init=nn.with_logical_partitioning(init, CONV_AXES),
                    bias_init=nn.with_logical_partitioning(ZEROS, VECTOR_AXES))
-
-
-def _dense(features, name, dtype, init=XAVIER):
-    return nn.Dense(features, dtype=dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(init, DENSE_AXES),
-                    bias_init=nn.with_logical_partitioning(ZEROS, VECTOR_AXES))
 
 
 # EDM's GroupNorm: min(32, C / 4) groups, eps 1e-6; affine=False is the norm inside ADN.
@@ -113,10 +103,10 @@ class UNetBlock(nn.Module):
         h = _conv(cout, 3, "conv0", dt)(_resample(h, self.resample))
         emb_dtype = at_least_f32(dt)
         if self.modulation == "adn":
-            scale, shift = jnp.split(_dense(2 * cout, "affine", emb_dtype)(emb), 2, axis=-1)
+            scale, shift = jnp.split(dense(2 * cout, "affine", emb_dtype)(emb), 2, axis=-1)
             h = adaptive_double_norm(_group_norm(cout, "norm1", dt, affine=False)(h), scale, shift)
         else:
-            params = _dense(cout, "affine", emb_dtype)(emb)[:, None, None, :].astype(h.dtype)
+            params = dense(cout, "affine", emb_dtype)(emb)[:, None, None, :].astype(h.dtype)
             h = _group_norm(cout, "norm1", dt)(h + params)
         h = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(nn.silu(h))
         # Zero-initialized (EDM: 1e-5 scale): every block starts as its skip path.
@@ -243,9 +233,9 @@ class DDPMPP(nn.Module):
         if self.guidance_input:
             # Zero-initialized: a guided student initialized from its teacher starts equal to it.
             g = positional_embedding(guidance, self.noise_channels)
-            emb = emb + _dense(self.noise_channels, "map_guidance", dt, init=ZEROS)(g)
-        emb = nn.silu(_dense(self.emb_channels, "map_layer0", dt)(emb))
-        return nn.silu(_dense(self.emb_channels, "map_layer1", dt)(emb))
+            emb = emb + dense(self.noise_channels, "map_guidance", dt, init=ZEROS)(g)
+        emb = nn.silu(dense(self.emb_channels, "map_layer0", dt)(emb))
+        return nn.silu(dense(self.emb_channels, "map_layer1", dt)(emb))
 
     def _check(self, x, t, y, guidance):
         if self.modulation not in MODULATIONS:
@@ -272,12 +262,7 @@ def from_config(model, *, dropout: float, dtype) -> DDPMPP:
     noise_channels, emb_channels, num_classes, guidance_input, attention_impl,
     dropout_max_resolution, modulation. `dropout` and `dtype` come from the caller.
     """
-    missing = [k for k in CONFIG_KEYS if k not in model]
-    if missing:
-        raise ConfigError(f"config.model is missing {missing}, needed by the DDPM++ backbone "
-                         f"(it reads {list(CONFIG_KEYS)})")
-    if model.modulation not in MODULATIONS:
-        raise ConfigError(f"model.modulation = {model.modulation!r}; expected one of {MODULATIONS}")
+    check_backbone_config(model, CONFIG_KEYS, MODULATIONS, "DDPM++")
     return DDPMPP(
         channels=model.channels, channel_mult=tuple(model.channel_mult),
         num_blocks=model.num_blocks, attn_resolutions=tuple(model.attn_resolutions),

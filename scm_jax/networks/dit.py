@@ -35,19 +35,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import (at_least_f32, check_inputs, pixel_norm, positional_embedding,
-                                    remat_block)
+from scm_jax.networks.layers import (VECTOR_AXES, ZEROS, at_least_f32, check_backbone_config,
+                                    check_inputs, dense, pixel_norm,
+                                    positional_embedding, remat_block)
 from scm_jax.networks.scan import apply_blocks
 
 MODULATIONS = ("adn", "adaln")
-DENSE_AXES = ("embed_in", "embed_out")
-VECTOR_AXES = ("norm",)
 TOKEN_AXES = ("batch", "length", "channels")
 
-XAVIER = nn.initializers.xavier_uniform()
-ZEROS = nn.initializers.zeros
 EMBED_INIT = nn.initializers.normal(0.02)   # DiT: timestep MLP and label table
 
 SIZES = ("s", "b", "l", "xl")   # DiT's published sizes, all with patch 2
@@ -58,12 +54,6 @@ PRESETS = {
     "l": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2),
     "xl": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2),
 }
-
-
-def _dense(features, name, dtype, init=XAVIER):
-    return nn.Dense(features, dtype=dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(init, DENSE_AXES),
-                    bias_init=nn.with_logical_partitioning(ZEROS, VECTOR_AXES))
 
 
 def _layer_norm(name, dtype):
@@ -108,17 +98,17 @@ class Modulation(nn.Module):
         d, emb_dtype = self.features, at_least_f32(self.dtype)
         per_site = 3 if self.gated else 2
         if self.modulation == "adaln":
-            out = _dense(self.sites * per_site * d, "adaLN_modulation", emb_dtype, init=ZEROS)(c)
+            out = dense(self.sites * per_site * d, "adaLN_modulation", emb_dtype, init=ZEROS)(c)
             chunks = jnp.split(out, self.sites * per_site, axis=-1)
             groups = [list(chunks[i * per_site:(i + 1) * per_site]) for i in range(self.sites)]
             for g in groups:
                 g[1] = 1.0 + g[1]
         else:
-            out = _dense(self.sites * 2 * d, "adn_modulation", emb_dtype)(c)
+            out = dense(self.sites * 2 * d, "adn_modulation", emb_dtype)(c)
             chunks = [pixel_norm(a) for a in jnp.split(out, self.sites * 2, axis=-1)]
             groups = [chunks[2 * i:2 * i + 2] for i in range(self.sites)]
             if self.gated:
-                gates = jnp.split(_dense(self.sites * d, "gate", emb_dtype, init=ZEROS)(c),
+                gates = jnp.split(dense(self.sites * d, "gate", emb_dtype, init=ZEROS)(c),
                                   self.sites, axis=-1)
                 groups = [g + [gate] for g, gate in zip(groups, gates)]
         return [tuple(a[:, None, :].astype(self.dtype) for a in g) for g in groups]
@@ -146,17 +136,17 @@ class DiTBlock(nn.Module):
         drop = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)
 
         h = _layer_norm("norm1", self.dtype)(x) * scale1 + shift1
-        qkv = _dense(3 * d, "qkv", self.dtype)(h)
+        qkv = dense(3 * d, "qkv", self.dtype)(h)
         qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.qk_norm:
             q, k = self._rms_norm("q_norm")(q), self._rms_norm("k_norm")(k)
         a = attention(q, k, v, impl=self.attention_impl).reshape(b, n, d)
-        x = x + gate1 * drop(_dense(d, "proj", self.dtype)(a))
+        x = x + gate1 * drop(dense(d, "proj", self.dtype)(a))
 
         h = _layer_norm("norm2", self.dtype)(x) * scale2 + shift2
-        h = nn.gelu(_dense(int(d * self.mlp_ratio), "mlp_fc1", self.dtype)(h), approximate=True)
-        x = x + gate2 * _dense(d, "mlp_fc2", self.dtype)(drop(h))
+        h = nn.gelu(dense(int(d * self.mlp_ratio), "mlp_fc1", self.dtype)(h), approximate=True)
+        x = x + gate2 * dense(d, "mlp_fc2", self.dtype)(drop(h))
         return nn.with_logical_constraint(x, TOKEN_AXES)
 
     def _rms_norm(self, name):
@@ -196,7 +186,7 @@ class DiT(nn.Module):
 
         # Patchify: non-overlapping p x p patches, flattened (row, col, channel), then linear.
         patches = x.astype(self.dtype).reshape(b, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5)
-        h = _dense(d, "patch_embed", self.dtype)(patches.reshape(b, gh * gw, p * p * ch))
+        h = dense(d, "patch_embed", self.dtype)(patches.reshape(b, gh * gw, p * p * ch))
         h = h + jnp.asarray(sincos_position_embedding(gh, gw, d), self.dtype)[None]
         h = nn.with_logical_constraint(h, TOKEN_AXES)
         # The `depth` equal blocks: one scanned run with `scan_blocks` (`networks.scan`).
@@ -213,16 +203,16 @@ class DiT(nn.Module):
                                        name="final_modulation")(c)
         h = _layer_norm("final_norm", self.dtype)(h) * scale + shift
         # Zero-initialized (DiT): F starts at 0.
-        out = _dense(p * p * ch, "final_linear", self.dtype, init=ZEROS)(h)
+        out = dense(p * p * ch, "final_linear", self.dtype, init=ZEROS)(h)
         out = out.reshape(b, gh, gw, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, ch)
         return out.astype(at_least_f32(self.dtype))
 
     def _embed(self, t, y, guidance):
         """[B] inputs -> silu(MLP(pos(t)) + Embed(y) + Dense(pos(s))): [B, D], >= float32."""
         dt = at_least_f32(self.dtype)
-        c = _dense(self.hidden_size, "t_embed0", dt, init=EMBED_INIT)(
+        c = dense(self.hidden_size, "t_embed0", dt, init=EMBED_INIT)(
             positional_embedding(t, self.noise_channels))
-        c = _dense(self.hidden_size, "t_embed1", dt, init=EMBED_INIT)(nn.silu(c))
+        c = dense(self.hidden_size, "t_embed1", dt, init=EMBED_INIT)(nn.silu(c))
         if self.num_classes:
             c = c + nn.Embed(self.num_classes + 1, self.hidden_size, dtype=dt, name="y_embed",
                              embedding_init=nn.with_logical_partitioning(
@@ -230,7 +220,7 @@ class DiT(nn.Module):
         if self.guidance_input:
             # Zero-initialized: a guided student initialized from its teacher starts equal to it.
             g = positional_embedding(guidance, self.noise_channels)
-            c = c + _dense(self.hidden_size, "guidance_embed", dt, init=ZEROS)(g)
+            c = c + dense(self.hidden_size, "guidance_embed", dt, init=ZEROS)(g)
         return nn.silu(c)
 
     def _check(self, x, t, y, guidance):
@@ -259,12 +249,7 @@ def from_config(model, *, dropout: float, dtype) -> DiT:
     num_classes, guidance_input, attention_impl, qk_norm, modulation. `dropout` (on the
     attention output and the MLP hidden layer) and `dtype` come from the caller.
     """
-    missing = [k for k in CONFIG_KEYS if k not in model]
-    if missing:
-        raise ConfigError(f"config.model is missing {missing}, needed by the DiT backbone "
-                         f"(it reads {list(CONFIG_KEYS)})")
-    if model.modulation not in MODULATIONS:
-        raise ConfigError(f"model.modulation = {model.modulation!r}; expected one of {MODULATIONS}")
+    check_backbone_config(model, CONFIG_KEYS, MODULATIONS, "DiT")
     return DiT(
         hidden_size=model.hidden_size, depth=model.depth, num_heads=model.num_heads,
         patch_size=model.patch_size, mlp_ratio=model.mlp_ratio, num_classes=model.num_classes,

@@ -46,7 +46,8 @@ import numpy as np
 from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
 from scm_jax.networks.layers import (TIME_TRANSFORMS, adaptive_double_norm, at_least_f32,
-                                    check_inputs, noise_conditioning, remat_block)
+                                    check_backbone_config, check_inputs, noise_conditioning,
+                                    remat_block)
 from scm_jax.networks.mp_layers import (DENSE_AXES, MP_WEIGHT, MPConv, MPFourier, mp_cat,
                                         mp_positional_features, mp_silu, mp_sum, normalize,
                                         project_weight)
@@ -415,13 +416,7 @@ def from_config(model, *, dropout: float, dtype) -> EDM2UNet:
     which only the objectives set (from config.data.sigma_d; time_transform 'edm' needs it).
     `dropout` and `dtype` come from the caller (each stage sets its own rate).
     """
-    missing = [k for k in CONFIG_KEYS if k not in model]
-    if missing:
-        raise ConfigError(f"config.model lacks {missing}, which the edm2 backbone needs "
-                         f"(it reads {list(CONFIG_KEYS)} and optionally emb_channels)")
-    if model.modulation not in MODULATIONS:
-        raise ConfigError(f"unknown model.modulation {model.modulation!r}; expected one of "
-                         f"{MODULATIONS}")
+    check_backbone_config(model, CONFIG_KEYS, MODULATIONS, "edm2")
     if model.dropout_max_resolution < 0:
         raise ConfigError(f"model.dropout_max_resolution must be >= 0 (0: everywhere), got "
                          f"{model.dropout_max_resolution}")

@@ -61,6 +61,33 @@ def remat_block(block_cls, remat: str):
     return nn.remat(block_cls, policy=policy, static_argnums=(3,))
 
 
+# Ordinary (not magnitude-preserving) layers of DDPM++ and DiT: Xavier-uniform weights, zero
+# biases, logical axes for the sharding rules.
+DENSE_AXES = ("embed_in", "embed_out")
+VECTOR_AXES = ("norm",)
+XAVIER = nn.initializers.xavier_uniform()
+ZEROS = nn.initializers.zeros
+
+
+def dense(features: int, name: str, dtype, init=XAVIER) -> nn.Dense:
+    """nn.Dense with `init` weights [in, features] and zero bias, logically partitioned."""
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(init, DENSE_AXES),
+                    bias_init=nn.with_logical_partitioning(ZEROS, VECTOR_AXES))
+
+
+def check_backbone_config(model, keys, modulations, backbone: str) -> None:
+    """ConfigError unless config.model has every key a backbone's from_config reads and one of
+    its modulations."""
+    missing = [k for k in keys if k not in model]
+    if missing:
+        raise ConfigError(f"config.model lacks {missing}, which the {backbone} backbone needs "
+                          f"(it reads {list(keys)})")
+    if model.modulation not in modulations:
+        raise ConfigError(f"config.model.modulation = {model.modulation!r} is invalid for the "
+                          f"{backbone} backbone: expected one of {modulations}")
+
+
 def at_least_f32(dtype):
     """float32 for low-precision dtypes, the dtype itself for float32/float64."""
     return jnp.promote_types(dtype, jnp.float32)

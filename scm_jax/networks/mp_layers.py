@@ -15,12 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax.networks.layers import at_least_f32, positional_embedding
+from scm_jax.networks.layers import DENSE_AXES, at_least_f32, positional_embedding
 
 # The param name every MP layer stores its weight under; `edm2.project_params` finds weights by it.
 MP_WEIGHT = "mp_weight"
 CONV_AXES = ("conv_height", "conv_width", "embed_in", "embed_out")
-DENSE_AXES = ("embed_in", "embed_out")
 
 
 # normalize(x) = x / (eps + ||x|| / sqrt(N)) over `axis` (EDM2 Eq. 66 for weights; for activations
