@@ -20,7 +20,10 @@ MAX_SIGMA_REL = 0.28   # the power EMA's sigma_rel is below 0.2887 for any gamma
 
 def default_config(**overrides) -> ml_collections.ConfigDict:
     """The `<stage>.ema` section: kind 'power' (value = sigma_rel) or 'halflife' (value = images)."""
-    cfg = ml_collections.ConfigDict(dict(kind="power", value=0.05))
+    cfg = ml_collections.ConfigDict(dict(
+        kind="power",   # 'power': EDM2's power EMA | 'halflife': a classic EMA
+        value=0.05,     # power: sigma_rel (EDM2 Eq. 3) | halflife: the half-life in images
+    ))
     unknown = sorted(set(overrides) - set(cfg.keys()))
     if unknown:
         raise ConfigError(f"unknown ema keys {unknown}; expected some of {sorted(cfg.keys())}")

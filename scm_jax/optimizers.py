@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from scm_jax.errors import ConfigError
+from scm_jax.errors import ConfigError, check
 
 OPTIMIZERS = ("adam", "radam")
 SCHEDULES = ("constant", "inv_sqrt")
@@ -28,8 +28,16 @@ SCHEDULES = ("constant", "inv_sqrt")
 def default_config(**overrides) -> ml_collections.ConfigDict:
     """The `<stage>.optimizer` section; `overrides` replace defaults (unknown keys are errors)."""
     cfg = ml_collections.ConfigDict(dict(
-        name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, schedule="constant", t_ref=1,
-        warmup_steps=0, grad_clip=0.0, force_finite=True))
+        name="adam",          # 'adam' | 'radam'
+        lr=1e-3,              # the peak learning rate
+        b1=0.9, b2=0.999,     # Adam's moment decays
+        eps=1e-8,             # Adam's epsilon
+        schedule="constant",  # 'constant' | 'inv_sqrt': lr / sqrt(max(step / t_ref, 1)) (EDM2)
+        t_ref=1,              # the inverse-square-root decay's reference step
+        warmup_steps=0,       # linear ramp-up of the learning rate over these steps
+        grad_clip=0.0,        # clip gradients by global norm (0: off)
+        force_finite=True,    # zero non-finite gradient entries (EDM2's force_finite)
+    ))
     unknown = sorted(set(overrides) - set(cfg.keys()))
     if unknown:
         raise ConfigError(f"unknown optimizer keys {unknown}; expected some of {sorted(cfg.keys())}")
@@ -38,8 +46,7 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def _check(ok: bool, where: str, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{where}.{key} = {value!r} is invalid: expected {expected}")
+    check(ok, f"{where}.{key}", value, expected)
 
 
 def validate(cfg, where: str) -> None:

@@ -22,16 +22,16 @@ from scm_jax.errors import check
 DEFAULTS = dict(
     num_samples=50_000,           # per (model, sampler, guidance scale), as the paper's metrics
     batch_size=500,               # samples per sampling call, over all devices
-    seed=1,
-    consistency_steps=(1, 2, 4, 8, 16),
+    seed=1,                       # the sampling seed (each row folds in its own id)
+    consistency_steps=(1, 2, 4, 8, 16),   # the CMs' step counts scored (1- and 2-step: paper)
     t_mid=1.1,                    # the 2-step intermediate time (sCM Tables 6, 8)
     teacher_steps=(32, 16, 8),    # solver steps: 63, 31, 15 evaluations
     teacher_solver="dpm2s",       # 'dpm2s' (sCM App. G.1) | 'heun'
     guidance_scales=(1.0,),       # swept for guided models
-    features=("inception", "dinov2"),
+    features=("inception", "dinov2"),   # the feature networks: FID, FD-DINOv2
     inception_weights="",         # pt_inception-2015-12-05-6726825d.pth, or its converted .npz
     dinov2_weights="",            # dinov2_vitl14_pretrain.pth / .safetensors, or its .npz
-    feature_dtype="float32",
+    feature_dtype="float32",      # the feature networks' compute dtype: 'float32' | 'bfloat16'
     reference="",                 # ref_stats .npz, EDM's cifar10-32x32.npz / imagenet-64x64.npz, EDM2's img512.pkl
     pr_samples=10_000,            # precision / recall (k = 3) on the first samples (0: off)
     save_samples=False,           # every sample as uint8 .npz chunks under <workdir>/samples/
@@ -39,8 +39,12 @@ DEFAULTS = dict(
     in_loop_samples=5_000,        # samples of the in-training evaluation (<stage>.eval_every)
     classifier_steps=0,           # digits: the classifier's training length (0 = its default)
     # The SD-VAE that decodes latent samples (ImageNet 512) before the feature networks.
-    vae=dict(weights="", block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-             norm_num_groups=32),
+    vae=dict(
+        weights="",               # sd-vae-ft-mse diffusion_pytorch_model.safetensors
+        block_out_channels=(128, 256, 512, 512),   # the SD-VAE's architecture (sd-vae-ft-mse)
+        layers_per_block=2,       # the SD-VAE's architecture
+        norm_num_groups=32,       # the SD-VAE's architecture
+    ),
 )
 
 

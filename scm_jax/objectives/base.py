@@ -75,20 +75,23 @@ def stage_key(seed: int, name: str) -> jax.Array:
 
 # Keys of every stage section, with their defaults.
 COMMON = dict(
-    objective="",
-    steps=1000,
+    objective="",              # the registered objective (objectives.OBJECTIVES) this stage trains
+    steps=1000,                # optimizer steps of the stage (a re-run resumes up to this)
     batch_size=128,            # the global batch of one optimizer step
     microbatches=1,            # gradient accumulation: the batch in this many sequential parts
-    dropout=0.0,
-    log_every=50,
-    checkpoint_every=500,
-    keep_checkpoints=2,
+    dropout=0.0,               # the network's dropout rate in this stage
+    log_every=50,              # steps between metrics rows and progress lines
+    checkpoint_every=500,      # steps between checkpoints (and at the end, and on SIGTERM)
+    keep_checkpoints=2,        # the newest checkpoints kept
     sample_every=0,            # 0: a sample grid only at the end; -1: none
     eval_every=0,              # >0: score the EMA every this many steps (config.eval; 0: never)
     checkpoint_dir="",         # where this stage's checkpoints live ('' = <workdir>/<stage>)
     # A step whose loss, gradients or updated parameters are not finite is not applied (the
     # state is kept, the step counted); `max_consecutive` such steps in a row stop the run.
-    nonfinite=dict(skip=True, max_consecutive=5),
+    nonfinite=dict(
+        skip=True,             # a non-finite step is not applied (False: stop at the first)
+        max_consecutive=5,     # this many non-finite steps in a row stop the run
+    ),
 )
 
 

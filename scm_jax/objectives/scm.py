@@ -138,7 +138,9 @@ class SCM(ConsistencyObjective):
     """sCT (`tangent='data'`) and sCD (`tangent='teacher'`)."""
 
     name = "scm"
-    SCHEMA = extend(ConsistencyObjective.SCHEMA, tangent="data", loss=dict(
+    SCHEMA = extend(ConsistencyObjective.SCHEMA,
+                    tangent="data",   # the tangent's source: 'data' (sCT) | 'teacher' (sCD)
+                    loss=dict(
         prior_weighting="paper",   # paper: w(t) = 1/(sigma_d tan t) | uniform
         jvp_rearranged=True,       # the rearranged JVP (Sec. 5.1, paper) | False: un-rearranged
     ))

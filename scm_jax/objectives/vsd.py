@@ -84,7 +84,10 @@ class AdaptiveVSD(SCM):
     """aVSD (`scd_weight` = 0) or sCD + lambda aVSD (`scd_weight` = 1); always distills."""
 
     name = "avsd"
-    SCHEMA = extend(SCM.SCHEMA, tangent="teacher", scd_weight=1.0, vsd=dict(
+    SCHEMA = extend(SCM.SCHEMA,
+                    tangent="teacher",   # aVSD distills: always 'teacher'
+                    scd_weight=1.0,      # the sCD term's weight: 0 = aVSD alone, 1 = sCD + aVSD
+                    vsd=dict(
         weight=1.0,                  # lambda_VSD (Table 5: 1.0)
         p_mean=0.4, p_std=2.0,       # L_aVSD's proposal of ln(sigma_d tan t) (Table 5)
         fake_p_mean=-0.8, fake_p_std=1.6,   # L_Diff(phi)'s proposal (Table 5)
