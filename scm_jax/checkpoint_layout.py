@@ -10,10 +10,11 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scm_jax.networks import scan
+from scm_jax.tree_checks import path_names
 
 
 def _leaf_names(tree) -> set:
-    return {scan._path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _respec(leaf, shape, spec_of):

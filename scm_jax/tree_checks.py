@@ -7,15 +7,20 @@ import numpy as np
 from scm_jax.errors import CheckpointMismatchError
 
 
-def _path_name(path) -> str:
-    """'nets/net/params/conv_in/kernel' whether the tree holds dataclasses, dicts or lists."""
-    parts = []
+def path_names(path) -> tuple:
+    """A pytree path's entries as strings, alike for dicts, dataclasses, namedtuples and lists."""
+    names = []
     for entry in path:
         for attr in ("key", "name", "idx"):
             if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
+                names.append(str(getattr(entry, attr)))
                 break
-    return "/".join(parts)
+    return tuple(names)
+
+
+def _path_name(path) -> str:
+    """'nets/net/params/conv_in/kernel' whether the tree holds dataclasses, dicts or lists."""
+    return "/".join(path_names(path))
 
 
 def _leaf_shapes(tree) -> dict:

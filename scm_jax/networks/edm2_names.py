@@ -35,6 +35,7 @@ import numpy as np
 from scm_jax.networks import scan
 from scm_jax.networks.edm2 import EDM2UNet, native_mismatches
 from scm_jax.networks.mp_layers import MP_WEIGHT
+from scm_jax.tree_checks import path_names
 
 PREFIX = "unet."
 IGNORED = ("logvar_fourier.", "logvar_linear.")   # EDM2's uncertainty head (Precond)
@@ -86,7 +87,7 @@ def _module(model) -> EDM2UNet:
 
 
 def _flat(tree) -> dict:
-    return {scan._path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _nested(flat: dict) -> dict:

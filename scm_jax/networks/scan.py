@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax.networks.layers import REMAT_MODES
+from scm_jax.tree_checks import path_names
 
 LAYER = "layer"          # the scanned body's one child: the block
 LAYER_AXIS = "layers"    # logical name of the stacked axis (no mesh rule names it: replicated)
@@ -121,17 +122,6 @@ def _same_shape(a, b) -> bool:
 
 
 # --- The layout map -------------------------------------------------------------------------
-def _path_names(path) -> tuple:
-    """A path's entries as strings, alike for dicts, dataclasses, namedtuples and lists."""
-    names = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                names.append(str(getattr(entry, attr)))
-                break
-    return tuple(names)
-
-
 def _scanned_at(names: tuple):
     """(depth, match) of the scanned run a path passes through (`<p>block<a>to<b>/layer`)."""
     for depth, name in enumerate(names[:-1]):
@@ -166,12 +156,12 @@ def convert_like(tree, target, *, stack=None, take=None):
     """
     stack = stack or (lambda leaves: jnp.stack(leaves))
     take = take or (lambda leaf, k: leaf[k])
-    source = {_path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    source = {path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     views = None
     paths, treedef = jax.tree_util.tree_flatten_with_path(target)
     leaves = []
     for path, _ in paths:
-        names = _path_names(path)
+        names = path_names(path)
         if names in source:
             leaves.append(source[names])
             continue
@@ -193,7 +183,7 @@ def convert_like(tree, target, *, stack=None, take=None):
 
 def layer_axis_leaf(path) -> bool:
     """True when the leaf at `path` carries a scanned run's stacked leading axis."""
-    return _scanned_at(_path_names(path)) is not None
+    return _scanned_at(path_names(path)) is not None
 
 
 def is_scanned_tree(tree) -> bool:
