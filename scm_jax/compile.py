@@ -383,8 +383,9 @@ def check(config, name: str, topology: Topology, *, log=print, teacher_cache=Non
         **_teacher_fields(report, teacher),
         # XLA's cost analysis of the partitioned program counts one chip's FLOPs; a compute
         # estimate faster than the chip's peak at those FLOPs is not a credible time.
+        # (with a relative 1e-9 of slack: a roofline's compute time is FLOPs / peak exactly)
         estimate_above_peak=bool(compiled and report["flops"] > report["compute_seconds"]
-                                 * peak_flops),
+                                 * peak_flops * (1 + 1e-9)),
     )
     log(format_report(out))
     return out
