@@ -41,16 +41,8 @@ from scm_jax import compile_cache, configs, objectives, sharding
 from scm_jax.data import data_shape
 
 import pod_fit_table
+from pod_fit_table import PRESETS, STAGES
 
-PRESETS = {
-    "ddpmpp-cifar10": "experiments/cifar10.py:variant=paper",
-    **{f"edm2-in64-{s}": f"experiments/imagenet64.py:variant={s}" for s in ("s", "m", "l", "xl")},
-    **{f"edm2-in512-{s}": f"experiments/imagenet512.py:variant={s}"
-       for s in ("s", "m", "l", "xl", "xxl")},
-    **{f"dit-in512-{s}": f"experiments/imagenet512.py:variant={s},backbone=dit"
-       for s in ("s", "b", "l", "xl")},
-}
-STAGES = ("teacher", "sct", "scd")
 SIZES = {"v5p": [f"v5p-{2 * c}" for c in (4, 8, 16, 32, 64, 128, 256, 512)],
          "v6e": [f"v6e-{c}" for c in (4, 8, 16, 32, 64, 128, 256)],
          # GPU nodes of 8: FSDP over a node's GPUs, data parallel across nodes

@@ -23,6 +23,17 @@ GPU_START, GPU_END = "<!-- pod_fit_gpu_table:start -->", "<!-- pod_fit_gpu_table
 TPU_PLATFORMS = ("v5p", "v6e")
 GPU_PLATFORMS = ("h100", "h200")
 GIB = 1024 ** 3
+# Every paper preset by name (the tables' rows, in order) and its experiment spec.
+PRESETS = {
+    "ddpmpp-cifar10": "experiments/cifar10.py:variant=paper",
+    **{f"edm2-in64-{s}": f"experiments/imagenet64.py:variant={s}" for s in ("s", "m", "l", "xl")},
+    **{f"edm2-in512-{s}": f"experiments/imagenet512.py:variant={s}"
+       for s in ("s", "m", "l", "xl", "xxl")},
+    **{f"dit-in512-{s}": f"experiments/imagenet512.py:variant={s},backbone=dit"
+       for s in ("s", "b", "l", "xl")},
+}
+STAGES = ("teacher", "sct", "scd")
+
 EXIT_USER_ERROR = 2
 
 
@@ -137,9 +148,6 @@ def main(argv=None) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_USER_ERROR
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from pod_fit import PRESETS, STAGES
-
     tables = format_tables(results, PRESETS, STAGES)
     gpu_tables = format_tables(results, PRESETS, STAGES, GPU_PLATFORMS)
     print(tables + gpu_tables, end="")

@@ -17,6 +17,7 @@ or the commands' flag turns it off.
 import contextlib
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 
@@ -43,11 +44,10 @@ def _version(package: str) -> str:
 
 def _readers_source() -> str:
     """The source of the modules that turn a compiled program into the stored figures."""
-    from scm_jax import compile as cc, compile_report, gpu_roofline, hlo_loops, step_cost
-
     parts = []
-    for module in (cc, compile_report, gpu_roofline, hlo_loops, step_cost):
-        with open(module.__file__, encoding="utf-8") as f:
+    for module in ("compile", "compile_report", "gpu_roofline", "hlo_loops", "step_cost"):
+        # located, not imported: the compile check imports this module
+        with open(importlib.util.find_spec(f"scm_jax.{module}").origin, encoding="utf-8") as f:
             parts.append(f.read())
     return "\n".join(parts)
 

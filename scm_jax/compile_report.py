@@ -8,14 +8,12 @@ human-readable report of `scm_jax.compile.check` (its JSON is the same dict).
 import math
 import re
 
+from scm_jax.hlo_loops import ARRAY_TYPE, DTYPE_BYTES
 from scm_jax.tpu_slices import GIB
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-                "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _COLLECTIVE = re.compile(
     r"^\s*(?:ROOT\s+)?%\S+ = (?P<type>.*?) (?P<op>all-gather|reduce-scatter|all-reduce|all-to-all|"
     r"collective-permute)(?:-start)?\(")
-_SHAPE = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
 _BUFFER = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>\S+) = (?P<type>[^ (][^ ]*) (?P<op>[\w-]+)\(.*?"
                      r"op_name=\"(?P<where>[^\"]*)\"")
 # Arguments (reported by the memory analysis) and views of other buffers.
@@ -24,9 +22,9 @@ _NOT_BUFFERS = ("parameter", "get-tuple-element", "bitcast", "tuple", "copy-star
 
 def _shape_bytes(text: str) -> int:
     total = 0
-    for dtype, dims in _SHAPE.findall(text):
+    for dtype, dims in ARRAY_TYPE.findall(text):
         size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-        total += size * _DTYPE_BYTES.get(dtype, 4)
+        total += size * DTYPE_BYTES.get(dtype, 4)
     return total
 
 

@@ -34,7 +34,7 @@ import re
 import numpy as np
 
 from scm_jax import hlo_loops
-from scm_jax.compile_report import _DTYPE_BYTES, _SHAPE
+from scm_jax.hlo_loops import ARRAY_TYPE, DTYPE_BYTES
 
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _COLLECTIVE_OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
@@ -46,11 +46,11 @@ CONV_TARGETS = ("__cudnn$convForward", "__cudnn$convBiasActivationForward",
 def _arrays(type_text: str) -> list:
     """[(dtype, dims)] of the arrays in an HLO type (a tuple lists several)."""
     return [(dtype, tuple(int(d) for d in dims.split(",") if d))
-            for dtype, dims in _SHAPE.findall(type_text)]
+            for dtype, dims in ARRAY_TYPE.findall(type_text)]
 
 
 def _bytes(arrays) -> int:
-    return sum(math.prod(dims) * _DTYPE_BYTES.get(dtype, 4) for dtype, dims in arrays)
+    return sum(math.prod(dims) * DTYPE_BYTES.get(dtype, 4) for dtype, dims in arrays)
 
 
 def _operands(instr: dict) -> list:

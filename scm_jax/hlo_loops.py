@@ -21,6 +21,12 @@ _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_
                     r"=%?([\w.\-]+)")
 _CONSTANT = re.compile(r"\bs(?:32|64)\[\][^=]*?constant\((\d+)\)")
 
+# An HLO array type, e.g. bf16[8,1024,64]: (element type, dims), and bytes per element.
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+                "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+ARRAY_TYPE = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
+
+
 
 def _dims(type_text: str):
     match = _ARRAY.match(type_text.strip())

@@ -52,6 +52,9 @@ def x64_module():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU (skipped on CPU)")
+    config.addinivalue_line("markers", "slow: longer than a few seconds on the 2-core machine "
+                            "(whole runs, TPU/GPU compiles, subprocesses); the fast loop is "
+                            "python -m pytest -q -m 'not slow' tests")
     config.addinivalue_line("markers", "tpu: needs a TPU (skipped on CPU)")
 
 
