@@ -100,6 +100,12 @@ def test_the_imported_teacher_is_edm2s_denoiser_and_scd_distills_it(tmp_path):
     assert max(float(np.abs(np.asarray(flat[k]) - np.asarray(teacher[k])).max())
                for k in flat) > 0
 
+    # sCD + aVSD too: the generator and F_phi both start from the imported weights.
+    config.scd_vsd.sample_every = -1
+    vsd = train.train_stage(config, "scd_vsd", str(workdir), log=lambda m: None)
+    assert int(vsd.step) == config.scd_vsd.steps
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(vsd.nets))
+
     # A second import into the same workdir would overwrite a teacher: refused.
     with pytest.raises(CheckpointMismatchError, match="already holds a teacher checkpoint"):
         import_edm2_teacher(config, str(pkl), str(workdir), log=lambda m: None)
