@@ -234,6 +234,7 @@ def test_bad_inputs_raise_clear_errors():
 # The whole sCM step with attention_impl='pallas' (the kernel on the tangent pass only).
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_scm_train_step_with_pallas_equals_xla():
     """`jax.grad` of the full sCM loss traces and runs with 'pallas' selected (the objective
     keeps the kernel off the differentiated pass) and gives xla's loss, gradients and update."""

@@ -46,6 +46,7 @@ def in512_reports(v5p8):
     return {name: cc.compile_stage(config, name, mesh) for name in ("teacher", "sct", "scd")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["teacher", "sct", "scd"])
 def test_every_stage_compiles_for_v5p_with_the_tpu_kernel(in512_reports, v5p8, name):
     r = in512_reports[name]
@@ -78,6 +79,7 @@ def _command(args, env=None, timeout=900):
                           env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
 
 
+@pytest.mark.slow
 def test_the_command_reports_fit_speed_mfu_and_the_teacher_ratio_as_json(tmp_path):
     """--with_teacher compiles the teacher step too; the user's mesh wins; the second run of
     the same question takes the compiler's answers from the compile cache."""

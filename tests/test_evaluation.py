@@ -164,6 +164,7 @@ def trained(digits):
     return params
 
 
+@pytest.mark.slow
 def test_classifier_holdout_accuracy(digits, trained):
     _, _, hold_x, hold_y = digits
     acc = float(np.mean(classifier_predict(trained, hold_x) == hold_y))

@@ -50,6 +50,7 @@ def _assert_finite_checkpoints(directory, config):
     store.close()
 
 
+@pytest.mark.slow
 def test_a_diverging_learning_rate_stops_at_the_last_finite_state(tmp_path):
     config = _config("teacher.steps=20", "teacher.checkpoint_every=2", "teacher.optimizer.lr=1e6",
                      "teacher.nonfinite.max_consecutive=3", "teacher.keep_checkpoints=20")
@@ -122,6 +123,7 @@ def straight(tmp_path_factory):
                              log=_quiet)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [_flip, _truncate, _delete, _garbage_metadata])
 def test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_resumes(fault, straight,
                                                                          tmp_path):

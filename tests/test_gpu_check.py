@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, the script prepared for a lent GPU, runs its whole plumbing on the
 CPU with --dry (tiny sizes, the Triton kernel interpreted), and refuses to measure without a
 GPU."""
+import pytest
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from tests.helpers import REPO
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.py")
 
 
+@pytest.mark.slow
 def test_the_dry_run_writes_every_section(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--dry", f"--out={tmp_path}"], cwd=REPO,
                           capture_output=True, text=True, timeout=900)

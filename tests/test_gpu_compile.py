@@ -15,6 +15,8 @@ from scm_jax import gpu_nodes
 from scm_jax.errors import ConfigError
 from tests.helpers import REPO, load_experiment
 
+pytestmark = pytest.mark.slow   # the fast loop: -m 'not slow'
+
 
 def test_gpu_topologies_through_the_compile_check():
     topology = cc.parse_topology("h200-8x2")

@@ -43,6 +43,7 @@ def _pickle(tmp_path, seed, **changes):
     return path
 
 
+@pytest.mark.slow
 def test_the_imported_teacher_is_edm2s_denoiser_and_scd_distills_it(tmp_path):
     tiny_latents(tmp_path / "latents")
     config = _config(tmp_path)
@@ -149,6 +150,7 @@ def test_the_command_is_one_line_errors_and_help(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_digits_end_to_end_through_an_edm2_pickle(tmp_path):
     """benchmarks/edm2_digits.py (tiny): a digits teacher trained in EDM2's parameterization,
     written as an EDM2 pickle, imported, distilled by sCD and evaluated."""

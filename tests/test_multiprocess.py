@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from scm_jax import checkpoint as ckpt
-
-from scm_jax import stage_restore
-from scm_jax import objectives, train
+from scm_jax import objectives, stage_restore, train
 from tests.helpers import (finish_processes, load_experiment, start_two_processes,
                            wait_for_output)
+
+pytestmark = pytest.mark.slow   # the fast loop: -m 'not slow'
 
 DIGITS = "experiments/digits.py:variant=tiny"
 # Full tangent from step 0, and Adam eps that keep gradients at rounding level (the reduction

@@ -175,6 +175,7 @@ def test_sections_own_their_schema_and_checks():
         objectives.get("discrete").validate_section(config, "dscd")
 
 
+@pytest.mark.slow
 def test_a_new_objective_needs_its_class_and_its_config_section_only(tmp_path, monkeypatch):
     """An objective defined here (diffusion at one fixed time, a toy) trains through the
     unchanged entry point once it is registered and the config has a section for it."""
@@ -209,6 +210,7 @@ def test_a_new_objective_needs_its_class_and_its_config_section_only(tmp_path, m
     assert '"objective": "fixed_time_diffusion"' in record
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_whole_batch():
     """microbatches = 4: the same per-sample randomness, gradients averaged over the parts, one
     update: equal to the whole batch's step up to float rounding (no dropout here). sCT draws

@@ -120,6 +120,7 @@ def mock_tfds():
         yield
 
 
+@pytest.mark.slow
 def test_cifar10_runlocal_trains_its_teacher(mock_tfds, tmp_path):
     """DDPM++ through the real train stage on (mock) CIFAR-10; the CM stages run the same loop
     (tests/test_train.py, and the EDM2/DiT tests below)."""
@@ -139,6 +140,7 @@ def test_cifar10_runlocal_trains_its_teacher(mock_tfds, tmp_path):
     assert int(resumed.step) == config.teacher.steps   # re-running resumes at the end
 
 
+@pytest.mark.slow
 def test_imagenet64_runlocal_trains_under_fsdp(mock_tfds, tmp_path):
     config = load_experiment("imagenet64", "variant=runlocal")
     config.mesh.fsdp = 2
@@ -155,6 +157,7 @@ def test_imagenet64_runlocal_trains_under_fsdp(mock_tfds, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_imagenet512_runlocal_trains_guided_scd(tmp_path):
     tiny_latents(tmp_path / "latents")
     config = load_experiment("imagenet512", "variant=runlocal,stage=scd")

@@ -51,6 +51,7 @@ def _fake_checkpoint(config, stage, workdir, seed=0):
     stage_identity.write_record(directory, stage_identity.stage_record(config, objective))
 
 
+@pytest.mark.slow
 def test_cifar10_reference_statistics_and_evaluation(weights, tmp_path):
     config = _with_weights(load_experiment("cifar10", "variant=runlocal"), weights)
     config.eval.update(consistency_steps=(1, 2), num_samples=8)
@@ -102,6 +103,7 @@ def test_cifar10_reference_statistics_and_evaluation(weights, tmp_path):
     assert sum("done before" in line for line in again) == 3
 
 
+@pytest.mark.slow
 def test_imagenet512_latents_guided_evaluation_and_sampling_command(weights, tmp_path):
     """Latent samples decoded by a (tiny) SD-VAE, a guidance sweep for the guided student and
     the CFG teacher, an EDM2-style reference, and `python -m scm_jax.sample`."""

@@ -11,6 +11,8 @@ import pytest
 from scm_jax import main as entry
 from tests.helpers import REPO, load_experiment
 
+pytestmark = pytest.mark.slow   # the fast loop: -m 'not slow'
+
 
 def _execute_notebook(workdir, monkeypatch):
     nbformat = pytest.importorskip("nbformat")

@@ -25,6 +25,7 @@ def _leaves(state):
     return jax.tree.leaves(jax.device_get(state))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_agreed_step_and_resumes_bit_exactly(tmp_path, monkeypatch):
     config = load_experiment("digits", "variant=tiny", STEPS)
     straight = train.train_stage(config, "teacher", str(tmp_path / "straight"), log=lambda m: None)

@@ -61,6 +61,7 @@ def pair(request):
     return name, make, unrolled, scanned, p_unrolled, p_scanned, (x, t, y)
 
 
+@pytest.mark.slow
 def test_scanned_network_starts_from_the_same_values_with_the_same_count(pair):
     name, _, _, _, p_unrolled, p_scanned, _ = pair
     assert RUNS[name] <= set(p_scanned) and not is_scanned_tree(p_unrolled)
@@ -72,6 +73,7 @@ def test_scanned_network_starts_from_the_same_values_with_the_same_count(pair):
     jax.tree.map(np.testing.assert_array_equal, again, p_scanned)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "block"])
 def test_forward_jvp_and_gradient_equal_the_unrolled_network(pair, remat):
     name, make, unrolled, _, p_unrolled, _, (x, t, y) = pair
@@ -179,6 +181,7 @@ def test_a_checkpoint_restores_in_the_other_layout(tmp_path):
     store.close()
 
 
+@pytest.mark.slow
 def test_scm_loss_evaluates_a_scanned_network_once(pair):
     """The sCM loss differentiates its tangent JVP's primal (`scm.scm_loss`): the same gradient
     as the two-pass form (tangent JVP at stop-gradient parameters, then a second forward), and

@@ -46,6 +46,7 @@ def _close(actual, expected, rtol):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
 
 
+@pytest.mark.slow
 def test_scd_tangent_matches_finite_difference_along_teacher_ode(case):
     """g = cos t df^-/dt with dx/dt = sigma_d F_teacher: central difference along the ODE."""
     x_t, t, f = case["x_t"], case["t"], case["f"]

@@ -38,6 +38,7 @@ def _scored(entry, nfes=(1, 2)):
     assert len(entry["curves"]["step"]) > 0 and entry["curves"]["loss"]
 
 
+@pytest.mark.slow
 def test_continuous_vs_discrete(tmp_path, teacher_workdir):
     results, _ = _run(continuous_vs_discrete, tmp_path, teacher_workdir)
     assert set(results["runs"]) == {"scd", "dscd_N16"}
@@ -50,6 +51,7 @@ def test_continuous_vs_discrete(tmp_path, teacher_workdir):
     assert not any(line.startswith("[study] run") for line in lines), lines
 
 
+@pytest.mark.slow
 def test_vsd_vs_scd_scores_each_method_at_its_guidance(tmp_path, teacher_workdir):
     # aVSD at the tiny size's one scale (sCD + aVSD and sCD train through the same runner).
     results, _ = _run(vsd_vs_scd, tmp_path, teacher_workdir, only="vsd_g1.5")
@@ -62,6 +64,7 @@ def test_vsd_vs_scd_scores_each_method_at_its_guidance(tmp_path, teacher_workdir
     assert {r["guidance"] for r in teacher} == {1.5}
 
 
+@pytest.mark.slow
 def test_compute_extends_each_run_and_measures_its_cost(tmp_path, teacher_workdir):
     results, _ = _run(compute, tmp_path, teacher_workdir)
     assert set(results["runs"]) == {"scd_4", "scd_8"}
@@ -77,6 +80,7 @@ def test_compute_extends_each_run_and_measures_its_cost(tmp_path, teacher_workdi
     assert sorted(os.listdir(tmp_path / "runs")) == ["scd"]
 
 
+@pytest.mark.slow
 def test_stabilizers_each_switch_trains_or_is_reported_diverged(tmp_path, teacher_workdir,
                                                                   monkeypatch):
     # Beside the tiny size's one switch, a diverging run (a huge learning rate trips the
@@ -99,6 +103,7 @@ def test_stabilizers_each_switch_trains_or_is_reported_diverged(tmp_path, teache
     assert huge["status"] == "diverged" and "non-finite" in huge["message"] and not huge["rows"]
 
 
+@pytest.mark.slow
 def test_robustness_retrains_the_teacher_and_the_student_with_other_seeds(tmp_path,
                                                                           teacher_workdir):
     results, _ = _run(robustness, tmp_path, teacher_workdir)

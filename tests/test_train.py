@@ -53,6 +53,7 @@ def _params(state):
 
 # One diffusion and one distillation step; sCT and dsCD build theirs with the same base step
 # (objectives/base.py), sharded by the same code.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ("teacher", "scd"))
 def test_step_on_8_devices_equals_single_device(name, teacher_dir, tmp_path):
     assert len(jax.devices()) == 8
@@ -81,6 +82,7 @@ def _tree_digest(directory):
     return digest.hexdigest()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(teacher_dir, tmp_path, monkeypatch):
     # aVSD: the stage with the most state (five networks, three optimizers, an EMA, the
     # teacher's parameters as an input; sCD + aVSD has the same state); every stage runs the
@@ -182,6 +184,7 @@ def test_a_pipeline_checks_every_stage_before_writing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_only_what_changes_a_checkpoint_blocks_resuming_or_loading_it(teacher_dir, tmp_path):
     import shutil
 
@@ -209,6 +212,7 @@ def test_only_what_changes_a_checkpoint_blocks_resuming_or_loading_it(teacher_di
             tiny_config(), objectives.build(tiny_config(), "sct")))
 
 
+@pytest.mark.slow
 def test_the_train_loop_traces_its_step_once(tmp_path, monkeypatch):
     """chex counts the traces of the step train_stage jits: one for the whole run, across
     logging, checkpoints and sample grids."""

@@ -96,6 +96,7 @@ def _batch(seed=0):
             "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
 
 
+@pytest.mark.slow
 def test_scd_plus_vsd_at_lambda_zero_is_scd_and_the_fake_loss_is_the_diffusion_loss(teacher):
     teacher_obj, teacher_params = teacher
     overrides = ["scd.loss.warmup_steps=0", "scd_vsd.loss.warmup_steps=0",
