@@ -74,6 +74,10 @@ DIT = dict(
 VSD_STEPS = 20_000               # sCD + aVSD iterations (Table 5); aVSD alone: the same
 CM_EMA_SIGMA_REL = 0.05          # power EMA 0.05 for the ImageNet CMs (sCM Sec. 5.2, App. G.2)
 EDM2_RAMPUP_IMAGES = 10_000_000  # EDM2's LR ramp-up, for the teachers
+# EDM2's guiding network for ImageNet 512 (its `-guid-` presets): the XS U-Net (128 channels),
+# unconditional, trained by EDM2's XS recipe (lr 0.012, 2^31 images = 1,048,576 steps of 2048,
+# no dropout); its EMA length is the teacher's (EDM2 pairs them so).
+GUIDE = dict(channels=128, lr=1.2e-2, steps=1_048_576, dropout=0.0)
 PIPELINE = ("teacher", "scd", "sct")   # then stage=eval, once the feature weights are set
 
 
@@ -171,12 +175,22 @@ def imagenet_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
     """ImageNet 64 (pixels) or 512 (SD-VAE latents) with the EDM2 U-Net (or DiT for latents).
 
     arg: variant=s|m|l|xl[|xxl]|runlocal, stage=teacher|scd|sct|dscd|all, backbone=edm2|dit,
-    teacher=trigflow|edm2. teacher=edm2 builds EDM2's own network (`model.edm2_native`: EDM's
-    time input, EDM2's modulation, negated) so that a teacher imported from EDM2's published
-    pickles (`python -m scm_jax.import_teacher`) is distilled; the students share it.
+    teacher=trigflow|edm2, guide=none|xs. teacher=edm2 builds EDM2's own network
+    (`model.edm2_native`: EDM's time input, EDM2's modulation, negated) so that a teacher
+    imported from EDM2's published pickles (`python -m scm_jax.import_teacher`) is distilled;
+    the students share it. guide=xs (ImageNet 512, EDM2 backbone) adds the stage `guide`, EDM2's
+    unconditional XS guiding network (`GUIDE`; imported with `--guide_pkl` or trained), and the
+    guided students' teacher takes its unconditional branch from it instead of from the
+    teacher's null label (EDM2's guidance, Karras et al. 2024, Sec. 5).
     """
     args = configs.parse_arg(arg, {"variant": "s", "backbone": "edm2", "stage": "all",
-                                   "teacher": "trigflow"})
+                                   "teacher": "trigflow", "guide": "none"})
+    if args.guide not in ("none", "xs") or (args.guide == "xs" and (
+            args.backbone != "edm2" or dataset != "imagenet512")):
+        raise ConfigError(f"unknown guide {args.guide!r} for {dataset} with backbone "
+                          f"{args.backbone!r}; expected 'none'" + (
+                              " or 'xs'" if (args.backbone, dataset) == ("edm2", "imagenet512")
+                              else ""))
     if args.teacher not in ("trigflow", "edm2") or (args.teacher == "edm2"
                                                     and args.backbone != "edm2"):
         raise ConfigError(f"unknown teacher {args.teacher!r} for backbone {args.backbone!r}; "
@@ -227,7 +241,26 @@ def imagenet_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
     _cm_stages(config, cm=cm, steps=steps, sct_steps=table["sct_steps"],
                scd_steps=table["scd_steps"], sct_dropout=table["sct_dropout"][size],
                scd_dropout=table["scd_dropout"][size], guidance=table["guidance"])
+    if args.guide == "xs":
+        _add_guide(config, tiny=tiny, steps=steps, every=every, batch=batch, adam=adam,
+                   p=table["teacher_p"], ema=table["teacher_ema"][size])
     return config
+
+
+def _add_guide(config, *, tiny: bool, steps, every: dict, batch: int, adam: dict, p, ema):
+    """The `guide` stage (EDM2's unconditional XS network, `GUIDE`; runlocal: 8 channels) and
+    the guided students' `guidance.network` naming it; the pipeline trains it after the teacher
+    (a finished, imported guide resumes as done)."""
+    config.guide = objectives.section(
+        "diffusion", steps=steps(GUIDE["steps"]), batch_size=batch, dropout=GUIDE["dropout"],
+        model=dict(channels=8 if tiny else GUIDE["channels"], num_classes=0),
+        loss=dict(p_mean=p[0], p_std=p[1]),
+        optimizer=optimizers.default_config(
+            lr=GUIDE["lr"], warmup_steps=0 if tiny else EDM2_RAMPUP_IMAGES // batch, **adam),
+        ema=dict(kind="power", value=ema), **every)
+    for name in ("scd", "vsd", "scd_vsd"):
+        config[name].guidance.network = "guide"
+    config.pipeline = ("teacher", "guide") + tuple(config.pipeline[1:])
 
 
 def _dit_imagenet512(args) -> ml_collections.ConfigDict:

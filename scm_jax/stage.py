@@ -61,6 +61,20 @@ def teacher_abstract_params(config, teacher_stage: str, mesh, rules, platform: s
     return teacher, abstract.nets["net"].ema
 
 
+def build_teacher(config, objective, mesh, rules, platform: str):
+    """(objectives.Teacher, its parameters as sharded ShapeDtypeStructs) of the distilling
+    `objective`: the teacher stage's EMA, with the guiding stage's beside it when the stage's
+    guidance names one (`Teacher.pack`)."""
+    teacher_objective, net = teacher_abstract_params(config, objective.teacher_stage, mesh,
+                                                     rules, platform)
+    guide_name = getattr(objective, "guide_stage", None)
+    if guide_name is None:
+        return objectives.Teacher(teacher_objective), net
+    guide_objective, guide = teacher_abstract_params(config, guide_name, mesh, rules, platform)
+    teacher = objectives.Teacher(teacher_objective, guide_objective)
+    return teacher, teacher.pack(net, guide)
+
+
 def build_stage(config, name: str, mesh=None) -> Stage:
     """The stage `name` of `config` on `mesh` (default: `config.mesh` over the visible devices)."""
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
@@ -79,9 +93,7 @@ def build_stage(config, name: str, mesh=None) -> Stage:
                           f"inputs of shape {shape}: {err}") from err
     teacher, teacher_abstract = None, None
     if objective.distills:
-        teacher_objective, teacher_abstract = teacher_abstract_params(
-            config, objective.teacher_stage, mesh, rules, platform)
-        teacher = objectives.Teacher(teacher_objective)
+        teacher, teacher_abstract = build_teacher(config, objective, mesh, rules, platform)
     batch_sharding = sharding.batch_sharded(mesh)
     batch_abstract = dict(
         image=jax.ShapeDtypeStruct((cfg.batch_size,) + shape, jnp.float32, sharding=batch_sharding),

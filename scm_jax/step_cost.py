@@ -66,15 +66,24 @@ def measure(config, stages, batch: dict, *, calls: int = 10, log=None,
     from scm_jax import objectives
 
     shape = batch["image"].shape[1:]
-    teacher_objective = objectives.build(config, "teacher")
-    teacher = objectives.Teacher(teacher_objective)
-    teacher_ema = teacher_objective.init_state(jax.random.PRNGKey(0), shape).nets["net"].ema
+
+    def random_ema(name):
+        built = objectives.build(config, name)
+        return built, built.init_state(jax.random.PRNGKey(0), shape).nets["net"].ema
+
     rows = {}
     for name in stages:
         objective = objectives.build(config, name)
         state = objective.init_state(jax.random.PRNGKey(1), shape)
-        tparams = teacher_ema if objective.distills else None
-        step = jax.jit(objective.make_step(teacher if objective.distills else None))
+        teacher, tparams = None, None
+        if objective.distills:
+            teacher_objective, teacher_ema = random_ema(objective.teacher_stage)
+            guide_objective, guide_ema = (random_ema(objective.guide_stage)
+                                          if getattr(objective, "guide_stage", None)
+                                          else (None, None))
+            teacher = objectives.Teacher(teacher_objective, guide_objective)
+            tparams = teacher.pack(teacher_ema, guide_ema)
+        step = jax.jit(objective.make_step(teacher))
         compiled = step.lower(state, batch, tparams).compile()
         rows[name] = dict(seconds=median_seconds(lambda: compiled(state, batch, tparams), calls),
                           flops=flops_of(compiled))

@@ -102,7 +102,7 @@ def train_stage(config, name: str, workdir, *, log=print):
 
     # --- The stage on its mesh: objective, shapes, shardings, the jitted step ---------------
     stage = build_stage(config, name)
-    objective, mesh = stage.objective, stage.mesh
+    objective = stage.objective
     directory = stage_identity.stage_dir(config, name, workdir)
     record = stage_identity.stage_record(config, objective)
     stage_identity.check_stage_config(directory, record)
@@ -117,9 +117,7 @@ def train_stage(config, name: str, workdir, *, log=print):
     teacher_params = None
     if objective.teacher_stage and (objective.distills or not resuming):
         # Restored straight into the shardings the step was jitted with.
-        teacher_params, _ = stage_restore.restore_stage_ema(
-            config, objective.teacher_stage, workdir, mesh, stage.rules,
-            abstract_ema=stage.teacher_abstract, log=say)
+        teacher_params = _restore_teacher(config, stage, workdir, say)
     step_teacher = teacher_params if objective.distills else None
 
     # --- One run per stage directory, from here on (nothing was written before) -------------
@@ -138,6 +136,25 @@ def train_stage(config, name: str, workdir, *, log=print):
         store.close()   # waits for the last save; raises if it failed
         logger.close()
     return state
+
+
+def _restore_teacher(config, stage, workdir, say):
+    """The teacher's EMA (with the guiding network's when the stage has one: `Teacher.pack`),
+    restored straight into the shardings the step was jitted with."""
+    objective, teacher = stage.objective, stage.teacher
+    abstract = stage.teacher_abstract
+    if teacher is None or not teacher.has_guide:
+        params, _ = stage_restore.restore_stage_ema(
+            config, objective.teacher_stage, workdir, stage.mesh, stage.rules,
+            abstract_ema=abstract, log=say)
+        return params
+    net, _ = stage_restore.restore_stage_ema(
+        config, objective.teacher_stage, workdir, stage.mesh, stage.rules,
+        abstract_ema=abstract["net"], log=say)
+    guide, _ = stage_restore.restore_stage_ema(
+        config, objective.guide_stage, workdir, stage.mesh, stage.rules,
+        abstract_ema=abstract["guide"], log=say)
+    return teacher.pack(net, guide)
 
 
 def _restore_or_initialize(config, name, stage, store, batches, workdir, teacher_params,
@@ -165,8 +182,9 @@ def _restore_or_initialize(config, name, stage, store, batches, workdir, teacher
             # sCM App. G.2: every CM starts from the teacher's EMA parameters (aVSD's fake
             # score network too).
             where = stage_identity.stage_dir(config, objective.teacher_stage, workdir)
+            start = stage.teacher.net_params(teacher_params) if stage.teacher else teacher_params
             for network in objective.teacher_initialized:
-                params = merge_teacher_params(state.nets[network].params, teacher_params, where)
+                params = merge_teacher_params(state.nets[network].params, start, where)
                 state = objective.with_params(state, network, params)
             state = jax.device_put(state, stage.state_sharding)
         stage_identity.write_record(directory, record)

@@ -10,6 +10,7 @@ import copy
 
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
 from scm_jax.networks import bind_apply, build_network
 from scm_jax.errors import check
@@ -69,7 +70,11 @@ class ConsistencyObjective(RegressionObjective):
             tangent_norm="l2",        # l2 | rms | clip | none
             adaptive_weighting=True,  # learned w_phi(t) (Eq. 8) | False: w = 0, the plain mean
         ),
-        guidance=dict(scale_min=1.0, scale_max=1.0),  # CFG scale of the teacher (and student input)
+        guidance=dict(
+            scale_min=1.0, scale_max=1.0,  # guidance scale of the teacher (and student input)
+            # guidance's unconditional branch: the teacher's null label (CFG), or a diffusion stage
+            network="",   # '' = the teacher's own null-label output; else a stage name ('guide')
+        ),
         jvp_dtype="",                 # compute dtype of the tangent pass; '' = model.dtype
         teacher_stage="teacher",      # the diffusion stage this one starts from (and distills)
         init_from_teacher=True,       # start from the teacher's EMA (sCM App. G.2: always)
@@ -90,7 +95,14 @@ class ConsistencyObjective(RegressionObjective):
         g = st.guidance
         check(0.0 <= g.scale_min <= g.scale_max, f"{where}.guidance",
               (g.scale_min, g.scale_max), "0 <= scale_min <= scale_max")
-        if (g.scale_min, g.scale_max) != (1.0, 1.0):
+        if g.network:
+            stages = [name for name in config if isinstance(config[name], ConfigDict)
+                      and config[name].get("objective") == "diffusion"
+                      and name != st.teacher_stage]
+            check(g.network in stages, f"{where}.guidance.network", g.network,
+                  f"'' (the teacher's own unconditional output) or a diffusion stage other "
+                  f"than the teacher: one of {stages}")
+        elif (g.scale_min, g.scale_max) != (1.0, 1.0):
             teacher = config.get(st.teacher_stage)
             check(config.model.num_classes > 0 and teacher is not None
                   and teacher.get("label_dropout", 0.0) > 0, f"{where}.guidance",
@@ -120,6 +132,12 @@ class ConsistencyObjective(RegressionObjective):
     def guided(self) -> bool:
         g = self.cfg.guidance
         return (g.scale_min, g.scale_max) != (1.0, 1.0)
+
+    @property
+    def guide_stage(self) -> str | None:
+        """The diffusion stage whose EMA is the guided teacher's unconditional branch (None:
+        the teacher's own null-label output, or no guidance)."""
+        return (self.cfg.guidance.network or None) if self.distills and self.guided else None
 
     def conditioning(self, rng, batch) -> dict:
         """Labels, and for a guided student the guidance scales s ~ U[scale_min, scale_max]

@@ -7,11 +7,17 @@ with ln(sigma_d tan t) ~ N(P_mean, P_std^2). The squared error in F equals EDM2'
 lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 of the denoiser error rewritten in
 TrigFlow, so w_phi(t) plays the role of EDM2's -logvar. Label dropout trains the null label
 (index num_classes) that classifier-free guidance uses.
+
+A diffusion stage may build a smaller or unconditional version of config.model (its `model`
+section): EDM2's guiding network (Karras et al. 2024, "Analyzing and Improving the Training
+Dynamics of Diffusion Models", Sec. 5: a conditional network guided by a small unconditional
+one, D_w = D_u + w (D_c - D_u)) is such a stage, distilled beside the teacher by a guided sCD
+stage whose `guidance.network` names it.
 """
 import jax.numpy as jnp
 
 from scm_jax import trigflow
-from scm_jax.errors import check
+from scm_jax.errors import ConfigError, check
 from scm_jax.objectives.randomness import LABEL_DROP, Randomness
 from scm_jax.objectives.regression import (RegressionObjective, Targets, check_adaptive_weighting,
                                            check_proposal, draw_noisy)
@@ -33,6 +39,9 @@ class Diffusion(RegressionObjective):
         label_dropout=0.0,                        # p(null label), for classifier-free guidance
         loss=dict(p_mean=-1.0, p_std=1.6,         # ln(sigma_d tan t) ~ N(P_mean, P_std^2)
                   adaptive_weighting=True),       # learned w_phi(t) (EDM2) | False: w = 0
+        # This stage's network where it differs from config.model (e.g. EDM2's guiding network):
+        model=dict(channels=0,                    # base width; 0 = config.model.channels
+                   num_classes=-1),               # -1 = config.model's; 0 = unconditional
     )
 
     @classmethod
@@ -42,13 +51,32 @@ class Diffusion(RegressionObjective):
               "in [0, 1)")
         check_proposal(config, where)
         check_adaptive_weighting(config, where)
+        own = st.model
+        check(own.channels >= 0, f"{where}.model.channels", own.channels,
+              "a width > 0, or 0 for config.model.channels")
+        if own.channels and "channels" not in config.model:
+            raise ConfigError(f"config.{where}.model.channels = {own.channels!r} is invalid: "
+                              f"the {config.model.name!r} backbone has no 'channels' width; "
+                              f"expected 0")
+        check(own.num_classes >= -1, f"{where}.model.num_classes", own.num_classes,
+              "-1 (config.model's), 0 (unconditional) or a class count")
+        if own.num_classes == 0 and st.label_dropout > 0:
+            raise ConfigError(f"config.{where}.label_dropout = {st.label_dropout!r} is invalid "
+                              f"for an unconditional network ({where}.model.num_classes = 0): "
+                              f"expected 0.0")
 
     def model_config(self, config):
-        """A diffusion model never takes a guidance-scale input: only a guided student does
-        (sCM Sec. 7), and it starts from this model with that input zero-initialized."""
+        """config.model with this stage's own width and classes (`model` section); a diffusion
+        model never takes a guidance-scale input: only a guided student does (sCM Sec. 7), and
+        it starts from this model with that input zero-initialized."""
         model = super().model_config(config)
+        own = self.cfg.model
         with model.unlocked():
             model.guidance_input = False
+            if own.channels:
+                model.channels = own.channels
+            if own.num_classes >= 0:
+                model.num_classes = own.num_classes
         return model
 
     def conditioning(self, rng: Randomness, batch) -> dict:
