@@ -78,15 +78,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     steps = lambda n: 4 if tiny else n  # noqa: E731
     batch = 16 if tiny else 64
     every = dict(log_every=2 if tiny else 100, checkpoint_every=2 if tiny else 500)
+    # EMA sigma_rel 0.1, and EDM2's two power EMAs (0.05, 0.10) tracked for post-hoc EMA with a
+    # snapshot every 100 steps (`python -m scm_jax.posthoc_ema`).
+    ema = dict(kind="power", value=0.1, posthoc_sigma_rels=(0.05, 0.1),
+               posthoc_every=2 if tiny else 100)
     config.teacher = objectives.section(
         "diffusion", steps=steps(2000), batch_size=batch, dropout=0.1, label_dropout=0.1,
         loss=dict(p_mean=-0.8, p_std=1.6),
         optimizer=optimizers.default_config(lr=2e-3, b2=0.99, schedule="inv_sqrt", t_ref=1000,
                                             warmup_steps=100, force_finite=False),
-        ema=dict(kind="power", value=0.1), **every)
+        ema=ema, **every)
     cm = dict(batch_size=batch, loss=dict(p_mean=-1.0, p_std=1.6, warmup_steps=2 if tiny else 200),
               optimizer=optimizers.default_config(lr=2e-4, b2=0.99, force_finite=False),
-              ema=dict(kind="power", value=0.1), **every)
+              ema=ema, **every)
     config.scd = objectives.section("scm", tangent="teacher", steps=steps(2500), **cm)
     # sCT 1600 steps: from the default teacher its 2-step FD went 2.29 / 6.27 / 3.37 / 1.80
     # after 200 / 400 / 800 / 1600 steps (scm_jax.studies.compute): worse once the tangent

@@ -5,7 +5,9 @@ Two profiles (sCM App. G.2):
   where gamma solves sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)) (EDM2 Eq. 3).
 - 'halflife': a classic EMA whose half-life is given in training images (CIFAR-10: 0.5 Mimg).
 
-This module owns the `ema` section of every stage config (`default_config`, `validate`).
+This module owns the `ema` section of every stage config (`default_config`, `validate`),
+including the power EMAs tracked for post-hoc reconstruction (EDM2 Sec. 3: `posthoc_sigma_rels`,
+snapshots every `posthoc_every` steps; `scm_jax.posthoc_ema`).
 """
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,8 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         kind="power",   # 'power': EDM2's power EMA | 'halflife': a classic EMA
         value=0.05,     # power: sigma_rel (EDM2 Eq. 3) | halflife: the half-life in images
+        posthoc_sigma_rels=(),   # power EMAs tracked for post-hoc EMA, e.g. (0.05, 0.1); () = off
+        posthoc_every=0,         # steps between their snapshots (and one at the stage's end)
     ))
     unknown = sorted(set(overrides) - set(cfg.keys()))
     if unknown:
@@ -42,6 +46,24 @@ def validate(cfg, where: str) -> None:
     if cfg.kind == "halflife" and not cfg.value > 0:
         raise ConfigError(f"config.{where}.value = {cfg.value!r} is invalid: an EMA half-life "
                           f"is a number of training images > 0")
+    rels = tuple(cfg.get("posthoc_sigma_rels", ()))
+    if any(not 0.0 < float(s) < MAX_SIGMA_REL for s in rels) or len(set(rels)) != len(rels):
+        raise ConfigError(f"config.{where}.posthoc_sigma_rels = {rels!r} is invalid: expected "
+                          f"distinct power-EMA sigma_rels in (0, {MAX_SIGMA_REL}), e.g. "
+                          f"(0.05, 0.1), or () for none")
+    if rels and not cfg.posthoc_every >= 1:
+        raise ConfigError(f"config.{where}.posthoc_every = {cfg.posthoc_every!r} is invalid: "
+                          f"expected a step count >= 1 when posthoc_sigma_rels are tracked")
+
+
+def posthoc_sigma_rels(cfg) -> tuple:
+    """The sigma_rels a stage's `ema` section tracks for post-hoc EMA (() when off or None)."""
+    return tuple(float(s) for s in cfg.get("posthoc_sigma_rels", ())) if cfg is not None else ()
+
+
+def posthoc_key(index: int) -> str:
+    """The name of the `index`-th tracked post-hoc EMA in `NetState.posthoc` and snapshots."""
+    return f"ema{index}"
 
 
 def power_ema_exponent(sigma_rel: float) -> float:

@@ -64,9 +64,11 @@ def plan(objective, ev) -> list:
     return [(m, s) for m in methods for s in guidance_scales(objective, ev)]
 
 
-def row_id(stage: str, method, scale: float) -> str:
-    """'<stage>_<nfe>' (+ '_g<scale>' when guided): the row's file names."""
-    return f"{stage}_{method.nfe}" + ("" if scale == 1.0 else f"_g{scale:g}")
+def row_id(stage: str, method, scale: float, sigma_rel: float = 0.0) -> str:
+    """'<stage>_<nfe>' (+ '_g<scale>' when guided, + '_ema<sigma_rel>' for a post-hoc EMA):
+    the row's file names."""
+    return (f"{stage}_{method.nfe}" + ("" if scale == 1.0 else f"_g{scale:g}")
+            + (f"_ema{sigma_rel:g}" if sigma_rel else ""))
 
 
 def class_labels(n: int, num_classes: int) -> np.ndarray:
@@ -171,10 +173,12 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
             say(f"[eval] skipping {name}: no checkpoint in {where}")
             continue
         objective = objectives.build(config, name)
-        params, step = stage_restore.restore_stage_ema(config, name, workdir, mesh)
+        sigma_rel = float(ev.get("sigma_rel", 0.0))
+        params, step = stage_restore.restore_stage_ema(config, name, workdir, mesh,
+                                                       sigma_rel=sigma_rel)
         model = objective.model_cfg
         for method, scale in plan(objective, ev):
-            rid = row_id(name, method, scale)
+            rid = row_id(name, method, scale, sigma_rel)
             if rid in done:
                 rows.append(done[rid])
                 say(f"[eval] {rid}: done before")
@@ -194,6 +198,7 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
                 wants_images=lambda i: ev.save_samples or (i == 0 and ev.grid_samples > 0),
                 log=lambda m, rid=rid: say(f"[eval] {rid}: {m}"))
             rows.append(dict(id=rid, model=name, checkpoint_step=step, nfe=method.nfe,
+                             **({"ema_sigma_rel": sigma_rel} if sigma_rel else {}),
                              sampler=_describe(method),
                              guidance=distilled_scale(objective, scale), **scores))
             say(f"[eval] {rid}: " + ", ".join(f"{k} {scores[k]:.3f}" for k in
@@ -266,7 +271,8 @@ def format_table(results: dict) -> str:
         cols = ("fid", "fid_vs_teacher", "fd_dinov2", "precision", "recall")
     lines = [head, "|" + "---|" * (3 + len(cols))]
     for r in rows:
-        cells = [r["model"], str(r["nfe"] or "-"), f"{r.get('guidance', 1.0):g}"]
+        model = r["model"] + (f" (EMA {r['ema_sigma_rel']:g})" if r.get("ema_sigma_rel") else "")
+        cells = [model, str(r["nfe"] or "-"), f"{r.get('guidance', 1.0):g}"]
         for c in cols:
             v = r.get(c)
             cells.append("-" if v is None else f"{v:.2f}" if c.endswith("teacher") else

@@ -73,6 +73,9 @@ DIT = dict(
 )
 VSD_STEPS = 20_000               # sCD + aVSD iterations (Table 5); aVSD alone: the same
 CM_EMA_SIGMA_REL = 0.05          # power EMA 0.05 for the ImageNet CMs (sCM Sec. 5.2, App. G.2)
+# EDM2's post-hoc EMA (Karras et al. 2024, Sec. 3): two power EMAs tracked, a snapshot every
+# 8 Mi images (4096 steps of 2048), for every stage of the EDM2 presets with `posthoc=true`.
+POSTHOC = dict(sigma_rels=(0.05, 0.10), every_images=8 << 20)
 EDM2_RAMPUP_IMAGES = 10_000_000  # EDM2's LR ramp-up, for the teachers
 # EDM2's guiding network for ImageNet 512 (its `-guid-` presets): the XS U-Net (128 channels),
 # unconditional, trained by EDM2's XS recipe (lr 0.012, 2^31 images = 1,048,576 steps of 2048,
@@ -175,16 +178,19 @@ def imagenet_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
     """ImageNet 64 (pixels) or 512 (SD-VAE latents) with the EDM2 U-Net (or DiT for latents).
 
     arg: variant=s|m|l|xl[|xxl]|runlocal, stage=teacher|scd|sct|dscd|all, backbone=edm2|dit,
-    teacher=trigflow|edm2, guide=none|xs. teacher=edm2 builds EDM2's own network
+    teacher=trigflow|edm2, guide=none|xs, posthoc=false|true. teacher=edm2 builds EDM2's own network
     (`model.edm2_native`: EDM's time input, EDM2's modulation, negated) so that a teacher
     imported from EDM2's published pickles (`python -m scm_jax.import_teacher`) is distilled;
     the students share it. guide=xs (ImageNet 512, EDM2 backbone) adds the stage `guide`, EDM2's
     unconditional XS guiding network (`GUIDE`; imported with `--guide_pkl` or trained), and the
     guided students' teacher takes its unconditional branch from it instead of from the
-    teacher's null label (EDM2's guidance, Karras et al. 2024, Sec. 5).
+    teacher's null label (EDM2's guidance, Karras et al. 2024, Sec. 5). posthoc=true tracks
+    EDM2's post-hoc EMAs in every stage (`POSTHOC`; `python -m scm_jax.posthoc_ema` picks an EMA
+    length after training); off by default, since the two extra parameter copies are not in the
+    fit-and-speed tables of docs/paper-scale.md.
     """
     args = configs.parse_arg(arg, {"variant": "s", "backbone": "edm2", "stage": "all",
-                                   "teacher": "trigflow", "guide": "none"})
+                                   "teacher": "trigflow", "guide": "none", "posthoc": False})
     if args.guide not in ("none", "xs") or (args.guide == "xs" and (
             args.backbone != "edm2" or dataset != "imagenet512")):
         raise ConfigError(f"unknown guide {args.guide!r} for {dataset} with backbone "
@@ -244,6 +250,10 @@ def imagenet_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
     if args.guide == "xs":
         _add_guide(config, tiny=tiny, steps=steps, every=every, batch=batch, adam=adam,
                    p=table["teacher_p"], ema=table["teacher_ema"][size])
+    if args.posthoc:
+        for name in configs.training_stages(config):
+            config[name].ema.posthoc_sigma_rels = POSTHOC["sigma_rels"]
+            config[name].ema.posthoc_every = 2 if tiny else POSTHOC["every_images"] // batch
     return config
 
 

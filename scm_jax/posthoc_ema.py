@@ -1,5 +1,16 @@
 """Post-hoc EMA: the power EMA of any sigma_rel, rebuilt after training from stored snapshots.
 
+    python -m scm_jax.posthoc_ema --config=experiments/digits.py --workdir=DIR --stage=teacher \
+        --sigma_rel=0.015,0.05,0.1 [--step=N]
+
+reads the snapshots the stage took while training (`<stage>.ema.posthoc_sigma_rels`, every
+`<stage>.ema.posthoc_every` steps: `scm_jax.posthoc_store`), solves for each sigma_rel the
+least-squares combination below at step N (default: the last snapshot's), and writes each EMA
+as `DIR/<stage>/posthoc_ema/sigma_rel_<s>/`, which students (`--config.scd.teacher_sigma_rel=s`)
+and the evaluation (`--config.eval.sigma_rel=s`) then load. Run it as one process: it reads
+every snapshot with a non-zero coefficient, one at a time, and sums in float64 on the host
+(8 bytes per parameter per sigma_rel asked for).
+
 EDM2 (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
 Sec. 3 and App. C; NVlabs/edm2 `training/phema.py`) tracks two power EMAs during training
 (`scm_jax.ema`, kind 'power', e.g. sigma_rel 0.05 and 0.10) and stores snapshots of them every K
@@ -38,6 +49,8 @@ at 2e3 steps, 3e-3 at 2e5 and 1.3e-2 at 1e6; measured at 1e6 steps the tracked E
 6.5e-3 of the distance away from the ideal one and the reconstruction 2.6e-3 away from it.
 Steps where `nonfinite.skip` skipped the update are not modelled.
 """
+import sys
+
 import numpy as np
 
 import jax
@@ -135,6 +148,13 @@ def solve_coefficients(snapshot_steps, snapshot_sigma_rels, target_step: int,
     [1, last snapshot step], or a sigma_rel outside (0, MAX_SIGMA_REL).
     """
     keep, A, b, _ = _system(snapshot_steps, snapshot_sigma_rels, target_step, target_sigma_rel)
+    steps = np.asarray(snapshot_steps, np.int64)
+    rels = np.asarray(snapshot_sigma_rels, np.float64)
+    exact = np.flatnonzero((steps == int(target_step)) & (rels == float(target_sigma_rel)))
+    if exact.size:   # the target was tracked and stored at this step: that snapshot, exactly
+        out = np.zeros(steps.size)
+        out[exact[0]] = 1.0
+        return out
     m = int(keep.sum())
     # KKT system of  min |W x - w_target|^2  s.t.  sum x = 1  (W: the kept snapshots' profiles).
     # Rows are scaled by 1/diag(A) first: entries span many orders of magnitude across steps.
@@ -176,3 +196,119 @@ def reconstruct(snapshots, coefficients):
     if total is None:
         raise ValueError("all coefficients are 0: nothing to reconstruct")
     return jax.tree.unflatten(treedef, [acc.astype(np.float32) for acc in total])
+
+
+# --- The command ---------------------------------------------------------------------------------
+def reconstruct_stage(config, workdir, stage: str, sigma_rels, *, step: int = 0,
+                      log=print) -> list[dict]:
+    """Rebuilds the EMAs of `sigma_rels` of stage `stage` at `step` (0: the last snapshot's)
+    from its snapshots and writes each where `stage_restore.restore_stage_ema(...,
+    sigma_rel=s)` reads it. Returns one dict per sigma_rel (sigma_rel, step, profile_error,
+    snapshots used, where). MissingInputError when the stage has no checkpoint or no
+    snapshots; ConfigError for a sigma_rel or step outside what the snapshots allow."""
+    from scm_jax import objectives, posthoc_store
+    from scm_jax.checkpoint import has_checkpoint
+    from scm_jax.data import data_shape
+    from scm_jax.errors import ConfigError, MissingInputError
+    from scm_jax.stage_identity import check_stage_config, stage_dir, stage_record
+
+    if stage not in config or "objective" not in config[stage]:
+        from scm_jax import configs
+
+        raise ConfigError(f"--stage={stage!r} is not a training stage of the config; expected "
+                          f"one of {configs.training_stages(config)}")
+    directory = stage_dir(config, stage, workdir)
+    objective = objectives.build(config, stage)
+    if not has_checkpoint(directory):
+        raise MissingInputError(f"no {stage} checkpoint found in {directory}: run stage={stage} "
+                                f"first")
+    check_stage_config(directory, stage_record(config, objective))
+    snapshots = posthoc_store.snapshot_steps(directory)
+    if not snapshots:
+        raise MissingInputError(
+            f"stage {stage} in {directory} took no post-hoc EMA snapshots: train it with "
+            f"--config.{stage}.ema.posthoc_sigma_rels=0.05,0.1 --config.{stage}.ema."
+            f"posthoc_every=K")
+    steps = np.array([s for s, rels in snapshots for _ in rels], np.int64)
+    rels = np.array([r for _, rs in snapshots for r in rs], np.float64)
+    target = int(step) or int(steps.max())
+    try:
+        coefficients = np.stack([solve_coefficients(steps, rels, target, s) for s in sigma_rels])
+        errors = [profile_error(steps, rels, target, s, x)
+                  for s, x in zip(sigma_rels, coefficients)]
+    except ValueError as err:
+        raise ConfigError(f"{err} (snapshots of sigma_rel {sorted(set(rels.tolist()))} at steps "
+                          f"{int(steps.min())}..{int(steps.max())})") from err
+    abstract, _ = objective.abstract_state(data_shape(config.data))
+    abstract_ema = abstract.nets["net"].ema
+    leaves, treedef = jax.tree.flatten(abstract_ema)
+    sums = [[np.zeros(leaf.shape, np.float64) for leaf in leaves] for _ in sigma_rels]
+    column = 0
+    for snap_step, snap_rels in snapshots:
+        block = coefficients[:, column:column + len(snap_rels)]
+        column += len(snap_rels)
+        if not block.any():
+            continue   # not read at all
+        emas = posthoc_store.read_snapshot(directory, snap_step, abstract_ema, len(snap_rels))
+        for k, ema in enumerate(emas):
+            if not block[:, k].any():
+                continue
+            for leaf_sums, x in zip(sums, block[:, k]):
+                if x:
+                    for acc, value in zip(leaf_sums, jax.tree.leaves(ema)):
+                        acc += x * np.asarray(value, np.float64)
+    out = []
+    for s, x, err, leaf_sums in zip(sigma_rels, coefficients, errors, sums):
+        used = [[int(a), float(b), float(c)] for a, b, c in zip(steps, rels, x) if c]
+        info = dict(sigma_rel=float(s), step=target, profile_error=float(err), snapshots=used)
+        ema = jax.tree.unflatten(treedef, [a.astype(leaf.dtype) for a, leaf in
+                                           zip(leaf_sums, leaves)])
+        where = posthoc_store.write_reconstructed(directory, s, target, ema, info)
+        log(f"[posthoc] {stage} sigma_rel {s:g} at step {target}: {len(used)} snapshot EMAs, "
+            f"profile error {err:.2e} -> {where}")
+        out.append(dict(info, where=where))
+    return out
+
+
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    from scm_jax import cli
+
+    cli.define_config_flags(fv, distributed=False)
+    flags.DEFINE_string("workdir", None, "the run's workdir", flag_values=fv)
+    flags.DEFINE_string("stage", "teacher", "the stage whose snapshots are read", flag_values=fv)
+    flags.DEFINE_list("sigma_rel", None, "the sigma_rels to reconstruct, e.g. 0.015,0.05,0.1",
+                      flag_values=fv)
+    flags.DEFINE_integer("step", 0, "the step to reconstruct at (0: the last snapshot's)",
+                         flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "sigma_rel"], flag_values=fv)
+
+
+def _run(fv, overrides) -> None:
+    from scm_jax import cli
+    from scm_jax.errors import ConfigError
+
+    config = cli.load_config(fv, overrides)
+    try:
+        sigma_rels = [float(s) for s in fv.sigma_rel]
+    except ValueError as err:
+        raise ConfigError(f"--sigma_rel={','.join(fv.sigma_rel)} is invalid: expected numbers, "
+                          f"e.g. 0.015,0.05,0.1") from err
+    for s in sigma_rels:
+        if not 0.0 < s < MAX_SIGMA_REL:
+            raise ConfigError(f"--sigma_rel {s:g} is invalid: a power EMA's sigma_rel must be in "
+                              f"(0, {MAX_SIGMA_REL})")
+    reconstruct_stage(config, fv.workdir, fv.stage, sigma_rels, step=fv.step,
+                      log=lambda m: print(m, flush=True))
+
+
+def main(argv=None) -> int:
+    """The command; argv as sys.argv (program name first). Returns the exit status."""
+    from scm_jax import cli
+
+    return cli.run_command(__doc__, _define_flags, _run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,22 +8,40 @@ from scm_jax.tree_checks import all_finite
 
 
 def restore_stage_ema(config, name: str, workdir, mesh=None, rules=None, network: str = "net",
-                      abstract_ema=None, log=print):
+                      abstract_ema=None, log=print, sigma_rel: float = 0.0):
     """(EMA params of network `network` of stage `name`, step) from its latest checkpoint,
     sharded over `mesh` by the logical rules when one is given (or exactly as the sharded
-    ShapeDtypeStructs `abstract_ema` say); only those arrays are read.
+    ShapeDtypeStructs `abstract_ema` say); only those arrays are read. With `sigma_rel` > 0,
+    the stage's post-hoc EMA of that sigma_rel instead (`python -m scm_jax.posthoc_ema`), at
+    the step it was reconstructed for.
 
-    Raises MissingInputError naming the directory when the stage has no checkpoint, and
+    Raises MissingInputError naming the directory when the stage has no checkpoint (or no
+    reconstruction of `sigma_rel`, with the command that makes it), and
     CheckpointMismatchError when its identity differs from the config's or its EMA is not
     finite. A corrupt latest checkpoint is reported and the newest intact one used.
     """
-    directory = stage_dir(config, name, workdir)
+    stage_directory = stage_dir(config, name, workdir)
     objective = objectives.build(config, name)
-    if not has_checkpoint(directory):
+    if not has_checkpoint(stage_directory):
         hint = (f"run stage={name} first or set --config.{name}.checkpoint_dir"
                 if name == "teacher" else f"run stage={name} first")
-        raise MissingInputError(f"no {name} checkpoint found in {directory}: {hint}")
-    check_stage_config(directory, stage_record(config, objective))
+        raise MissingInputError(f"no {name} checkpoint found in {stage_directory}: {hint}")
+    check_stage_config(stage_directory, stage_record(config, objective))
+    directory = stage_directory
+    if sigma_rel:
+        from scm_jax import posthoc_store
+
+        if network != "net":
+            raise MissingInputError(f"post-hoc EMA is kept for network 'net' only, not "
+                                    f"{network!r}")
+        directory = posthoc_store.reconstructed_dir(stage_directory, sigma_rel)
+        if not has_checkpoint(directory):
+            made = posthoc_store.reconstructed_sigma_rels(stage_directory)
+            raise MissingInputError(
+                f"no post-hoc EMA of sigma_rel {sigma_rel:g} for stage {name} in {directory} "
+                f"(reconstructed: {', '.join(f'{s:g}' for s in made) or 'none'}): run python -m "
+                f"scm_jax.posthoc_ema --config=... --workdir={workdir} --stage={name} "
+                f"--sigma_rel={sigma_rel:g}")
     from scm_jax.data import data_shape
 
     if abstract_ema is None:
@@ -52,7 +70,7 @@ def restore_stage_ema(config, name: str, workdir, mesh=None, rules=None, network
         store.close()
     if not all_finite(ema):
         raise CheckpointMismatchError(
-            f"the EMA of stage {name} in {store._where(step)} holds non-finite values (NaN or "
-            f"inf): it can neither start nor teach another stage; retrain {name} (lower its "
+            f"the {'post-hoc ' if sigma_rel else ''}EMA of stage {name} in {store._where(step)} "
+            f"holds non-finite values (NaN or inf): it can neither start nor teach another stage; retrain {name} (lower its "
             f"learning rate) or pick another checkpoint")
     return ema, int(step)

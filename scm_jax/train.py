@@ -14,8 +14,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from scm_jax import checkpoint as ckpt
-from scm_jax import (configs, files, objectives, preemption, processes, sampling, sharding,
-                     stage_identity, stage_restore, tree_checks)
+from scm_jax import ema as ema_lib
+from scm_jax import (configs, files, objectives, posthoc_store, preemption, processes, sampling,
+                     sharding, stage_identity, stage_restore, tree_checks)
 from scm_jax.data import build_train_batches
 from scm_jax.errors import ConfigError, UserError
 from scm_jax.evaluate import in_loop
@@ -123,17 +124,24 @@ def train_stage(config, name: str, workdir, *, log=print):
     # --- One run per stage directory, from here on (nothing was written before) -------------
     with StageLock(directory, log=say):
         store = ckpt.CheckpointStore(directory, keep=cfg.keep_checkpoints)
-        logger = None
+        logger = snapshots = None
         try:
             state, logger = _restore_or_initialize(config, name, stage, store, batches, workdir,
                                                    teacher_params, resuming, record, say)
             del teacher_params   # the step holds its own reference when it distills
+            rels = ema_lib.posthoc_sigma_rels(cfg.ema)
+            if rels:
+                snapshots = posthoc_store.SnapshotWriter(
+                    directory, rels, cfg.ema.posthoc_every, cfg.steps, int(state.step), log=say)
             state = _loop(config, name, stage, store, batches, logger, state, step_teacher,
-                          directory, workdir, say)
+                          directory, workdir, say, snapshots)
         except BaseException:
-            _close_quietly(say, store.close, logger.close if logger else None)
+            _close_quietly(say, store.close, logger.close if logger else None,
+                           snapshots.close if snapshots else None)
             raise
         store.close()   # waits for the last save; raises if it failed
+        if snapshots:
+            snapshots.close()
         logger.close()
     return state
 
@@ -143,14 +151,18 @@ def _restore_teacher(config, stage, workdir, say):
     restored straight into the shardings the step was jitted with."""
     objective, teacher = stage.objective, stage.teacher
     abstract = stage.teacher_abstract
+    # The teacher's post-hoc EMA of the stage's teacher_sigma_rel (0: its own EMA).
+    sigma_rel = float(config[stage.name].get("teacher_sigma_rel", 0.0))
+    if sigma_rel:
+        say(f"[{stage.name}] teacher: the post-hoc EMA of sigma_rel {sigma_rel:g}")
     if teacher is None or not teacher.has_guide:
         params, _ = stage_restore.restore_stage_ema(
             config, objective.teacher_stage, workdir, stage.mesh, stage.rules,
-            abstract_ema=abstract, log=say)
+            abstract_ema=abstract, log=say, sigma_rel=sigma_rel)
         return params
     net, _ = stage_restore.restore_stage_ema(
         config, objective.teacher_stage, workdir, stage.mesh, stage.rules,
-        abstract_ema=abstract["net"], log=say)
+        abstract_ema=abstract["net"], log=say, sigma_rel=sigma_rel)
     guide, _ = stage_restore.restore_stage_ema(
         config, objective.guide_stage, workdir, stage.mesh, stage.rules,
         abstract_ema=abstract["guide"], log=say)
@@ -194,8 +206,9 @@ def _restore_or_initialize(config, name, stage, store, batches, workdir, teacher
 
 
 def _loop(config, name, stage, store, batches, logger, state, step_teacher, directory, workdir,
-          say):
-    """The steps, with logging, checkpoints, grids, the stop signal and the non-finite guard.
+          say, snapshots=None):
+    """The steps, with logging, checkpoints, post-hoc EMA snapshots (`snapshots`: a
+    `posthoc_store.SnapshotWriter`), grids, the stop signal and the non-finite guard.
 
     The step's stop and non-finite flags are read one step late, so the host never waits for
     the step it has just dispatched.
@@ -249,6 +262,8 @@ def _loop(config, name, stage, store, batches, logger, state, step_teacher, dire
                         f"{directory}/checkpoints (config.{name}.nonfinite.skip=True skips "
                         f"such updates instead)")
                 store.save(done, state, batches.get_state(), force=stop or done == cfg.steps)
+            if snapshots is not None:
+                snapshots.after_step(done, state.nets["net"].posthoc)
             if stop:
                 raise preemption.StageInterrupted(watch.reported_signal(), name, done, directory)
             if evaluate is not None and done % cfg.eval_every == 0:

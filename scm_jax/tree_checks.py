@@ -33,9 +33,12 @@ def compare_trees(expected, found, where: str) -> None:
     exp, got = _leaf_shapes(expected), _leaf_shapes(found)
     missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
     if missing or extra:
+        posthoc = any("/posthoc/" in key for key in missing + extra)
         raise CheckpointMismatchError(
             f"checkpoint at {where} does not match this config: entries missing from it "
-            f"{missing[:5]}, unexpected entries {extra[:5]}")
+            f"{missing[:5]}, unexpected entries {extra[:5]}"
+            + ("; the post-hoc EMAs it tracks (<stage>.ema.posthoc_sigma_rels) differ from the "
+               "config's: resume with the run's own setting" if posthoc else ""))
     for key in exp:
         if exp[key] != got[key]:
             raise CheckpointMismatchError(

@@ -37,6 +37,7 @@ DEFAULTS = dict(
     save_samples=False,           # every sample as uint8 .npz chunks under <workdir>/samples/
     grid_samples=64,              # a PNG grid of the first samples of every row (0: none)
     in_loop_samples=5_000,        # samples of the in-training evaluation (<stage>.eval_every)
+    sigma_rel=0.0,                # score each stage's post-hoc EMA of this sigma_rel (0: its own EMA)
     classifier_steps=0,           # digits: the classifier's training length (0 = its default)
     # The SD-VAE that decodes latent samples (ImageNet 512) before the feature networks.
     vae=dict(
@@ -80,4 +81,6 @@ def validate(ev) -> None:
     check(ev.pr_samples >= 0, "eval.pr_samples", ev.pr_samples, ">= 0")
     check(ev.grid_samples >= 0, "eval.grid_samples", ev.grid_samples, ">= 0")
     check(ev.in_loop_samples > 3, "eval.in_loop_samples", ev.in_loop_samples, "> 3")
+    check(0.0 <= ev.sigma_rel < 0.28, "eval.sigma_rel", ev.sigma_rel,
+          "0 (each stage's own EMA) or a post-hoc EMA's sigma_rel in (0, 0.28)")
     features.validate(ev)

@@ -41,11 +41,14 @@ from scm_jax.objectives.randomness import Randomness
 
 @struct.dataclass
 class NetState:
-    """One trained network: params, its optimizer's state, its EMA (None: keeps none)."""
+    """One trained network: params, its optimizer's state, its EMA (None: keeps none), and the
+    power EMAs tracked for post-hoc EMA ({'ema0': ..., 'ema1': ...} in the order of the stage's
+    `ema.posthoc_sigma_rels`; None when none are tracked)."""
 
     params: Any
     opt_state: Any
     ema: Any
+    posthoc: Any = None
 
 
 @struct.dataclass
@@ -93,6 +96,12 @@ COMMON = dict(
         max_consecutive=5,     # this many non-finite steps in a row stop the run
     ),
 )
+
+
+def _posthoc_start(net: "Network", params):
+    """The tracked post-hoc EMAs of a fresh network (each starts at its parameters), or None."""
+    rels = ema_lib.posthoc_sigma_rels(net.ema)
+    return {ema_lib.posthoc_key(i): params for i in range(len(rels))} if rels else None
 
 
 def _merge(cfg: ml_collections.ConfigDict, overrides: dict, where: str) -> None:
@@ -239,7 +248,8 @@ class Objective(abc.ABC):
         for k, (name, net) in zip(keys, self.networks.items()):
             params = net.init(k, example)
             nets[name] = NetState(params=params, opt_state=net.optimizer.init(params),
-                                  ema=params if net.ema is not None else None)
+                                  ema=params if net.ema is not None else None,
+                                  posthoc=_posthoc_start(net, params))
         state = TrainState(step=jnp.zeros((), jnp.int32), rng=k_rng, nets=nets)
         return state if boxed else nn.meta.unbox(state)
 
@@ -261,7 +271,11 @@ class Objective(abc.ABC):
         # parameters (possibly passed to the same step) must alias neither.
         params = jax.tree.map(jnp.copy, params)
         ema = jax.tree.map(jnp.copy, params) if net.ema is not None else None
-        nets = dict(state.nets, **{name: NetState(params, net.optimizer.init(params), ema)})
+        posthoc = _posthoc_start(net, params)
+        if posthoc is not None:
+            posthoc = jax.tree.map(jnp.copy, posthoc)
+        nets = dict(state.nets, **{name: NetState(params, net.optimizer.init(params), ema,
+                                                  posthoc)})
         return state.replace(nets=nets)
 
     # --- The step ---------------------------------------------------------------------------
@@ -344,12 +358,18 @@ class Objective(abc.ABC):
                 updates, opt_state = spec.optimizer.update(grads[name], net.opt_state,
                                                            net.params)
                 new = spec.project(optax.apply_updates(net.params, updates))
-                ema = net.ema
+                ema, posthoc = net.ema, net.posthoc
                 if ema is not None:
                     beta = ema_lib.ema_decay(spec.ema.kind, spec.ema.value, state.step,
                                              batch_size)
                     ema = ema_lib.update_ema(ema, new, beta)
-                nets[name] = NetState(new, opt_state, ema)
+                if posthoc is not None:   # EDM2's tracked power EMAs (post-hoc EMA)
+                    posthoc = {
+                        ema_lib.posthoc_key(i): ema_lib.update_ema(
+                            posthoc[ema_lib.posthoc_key(i)], new,
+                            ema_lib.ema_decay("power", sigma_rel, state.step, batch_size))
+                        for i, sigma_rel in enumerate(ema_lib.posthoc_sigma_rels(spec.ema))}
+                nets[name] = NetState(new, opt_state, ema, posthoc)
             finite = (tree_checks.finite(metrics["loss"]) & tree_checks.finite(grads)
                       & tree_checks.finite({name: net.params for name, net in nets.items()}))
             if skip_nonfinite:   # keep the last finite state; the step still counts

@@ -78,6 +78,7 @@ class ConsistencyObjective(RegressionObjective):
         jvp_dtype="",                 # compute dtype of the tangent pass; '' = model.dtype
         teacher_stage="teacher",      # the diffusion stage this one starts from (and distills)
         init_from_teacher=True,       # start from the teacher's EMA (sCM App. G.2: always)
+        teacher_sigma_rel=0.0,        # the teacher's post-hoc EMA of this sigma_rel (0: its own)
     )
 
     @classmethod
@@ -90,6 +91,9 @@ class ConsistencyObjective(RegressionObjective):
               ">= 0")
         check(st.loss.tangent_norm in TANGENT_NORMS, f"{where}.loss.tangent_norm",
               st.loss.tangent_norm, f"one of {TANGENT_NORMS}")
+        check(0.0 <= st.teacher_sigma_rel < 0.28, f"{where}.teacher_sigma_rel",
+              st.teacher_sigma_rel, "0 (the teacher's own EMA) or a post-hoc EMA's sigma_rel "
+              "in (0, 0.28) (python -m scm_jax.posthoc_ema)")
         check(st.jvp_dtype in JVP_DTYPES, f"{where}.jvp_dtype", st.jvp_dtype,
               f"one of {JVP_DTYPES} ('' = model.dtype)")
         g = st.guidance
