@@ -7,8 +7,8 @@ import os
 import pytest
 
 from scm_jax import train
-from scm_jax.studies import (compute, continuous_vs_discrete, robustness, runner, stabilizers,
-                             vsd_vs_scd)
+from scm_jax.studies import (compute, continuous_vs_discrete, posthoc, robustness, runner,
+                             stabilizers, vsd_vs_scd)
 from tests.helpers import load_experiment
 
 
@@ -120,6 +120,23 @@ def test_robustness_retrains_the_teacher_and_the_student_with_other_seeds(tmp_pa
     t1 = runner.teacher_row(results, "seed1")["fd"]
     assert table["sct_t1_s0"] == ("seed1", pytest.approx(fd["sct_t1_s0"] / t1))
     assert runner.teacher_row(results)["fd"] != t1
+
+
+@pytest.mark.slow
+def test_posthoc_scores_the_teacher_and_the_student_at_every_sigma_rel(tmp_path, teacher_workdir):
+    results, _ = _run(posthoc, tmp_path, teacher_workdir)
+    _scored(results["runs"]["scd"])
+    for stage, nfes in (("teacher", [3]), ("scd", [1, 2])):
+        scored = results["posthoc"][stage]
+        assert sorted(scored) == sorted(f"{s:g}" for s in posthoc.TINY_SIGMA_RELS)
+        for entry in scored.values():
+            assert sorted(r["nfe"] for r in entry["rows"]) == nfes
+            assert all(r["fd"] > 0 for r in entry["rows"]) and entry["profile_error"] >= 0
+    assert posthoc.best(results, "scd", 2)[0] in posthoc.TINY_SIGMA_RELS
+    # A re-run scores nothing again.
+    again, lines = _run(posthoc, tmp_path, teacher_workdir)
+    assert again["posthoc"] == results["posthoc"]
+    assert not any("EMA 0.05:" in line for line in lines)
 
 
 def test_bad_arguments_fail_clearly(tmp_path):

@@ -164,7 +164,8 @@ def run_study(study: Study, *, workdir, config="experiments/digits.py", size="fu
         stage_dir = os.path.join(run_dir, run.stage)
         _check_not_past(stage_dir, steps, run)
         entry = dict(stage=run.stage, overrides=list(run.overrides), teacher=run.teacher,
-                     label=run.label or run.id, group=run.group, x=run.x, steps=steps)
+                     label=run.label or run.id, group=run.group, x=run.x, steps=steps,
+                     directory=stage_dir)
         t0 = time.time()
         try:
             train.train_stage(cfg, run.stage, run_dir, log=log)
@@ -184,6 +185,7 @@ def run_study(study: Study, *, workdir, config="experiments/digits.py", size="fu
         results["runs"][run.id] = entry
         save()
     if study.finish is not None:
+        results["workdir"] = str(workdir)
         study.finish(results, base, log)
     results["wall_seconds_last_invocation"] = time.time() - t_start
     save()
