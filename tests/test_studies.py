@@ -49,6 +49,35 @@ def test_continuous_vs_discrete(tmp_path, teacher_workdir):
     # Done runs are not trained again.
     _, lines = _run(continuous_vs_discrete, tmp_path, teacher_workdir)
     assert not any(line.startswith("[study] run") for line in lines), lines
+    # --seeds=2 adds one more student seed per run (and only that), summarized as mean and
+    # spread: the other seed is another run.
+    results, lines = _run(continuous_vs_discrete, tmp_path, teacher_workdir, seeds=2)
+    assert sum(line.startswith("[study] run") for line in lines) == 2, lines
+    for rid, entry in results["runs"].items():
+        other = entry["seeds"]["1"]
+        _scored(other)
+        assert other["overrides"][-1] == "seed=1" and other["directory"].endswith(
+            f"{rid}_seed1/{entry['stage']}")
+        row = runner.best_row(entry, 2)
+        assert row["n"] == 2 and len(set(row["fd_values"])) == 2 and row["fd_std"] > 0
+        assert row["fd"] == pytest.approx(sum(row["fd_values"]) / 2)
+    assert results["seeds"] == 2
+
+
+def test_best_row_means_seeds_and_compare_needs_a_gap_beyond_the_spread():
+    def entry(*fds):
+        rows = lambda fd: [dict(nfe=2, guidance=1.0, fd=fd, precision=0.5)]  # noqa: E731
+        return dict(rows=rows(fds[0]), seeds={str(i + 1): dict(rows=rows(fd))
+                                              for i, fd in enumerate(fds[1:])})
+
+    a, b, c = (runner.best_row(entry(*v), 2) for v in ((1.0, 1.2, 1.1), (2.0, 2.2, 2.1),
+                                                        (1.05, 1.25, 1.15)))
+    assert a["fd"] == pytest.approx(1.1) and a["fd_std"] == pytest.approx(0.1) and a["n"] == 3
+    assert runner.compare(a, b) == "lower" and runner.compare(b, a) == "higher"
+    assert runner.compare(a, c) == "inconclusive"   # 0.05 apart, within the spread 0.1
+    single = runner.best_row(dict(rows=[dict(nfe=2, fd=1.0)]), 2)
+    assert "n" not in single and runner.compare(single, b) == "inconclusive"
+    assert runner.format_fd(a) == "1.100 ± 0.100 (3)" and runner.format_fd(single) == "1.000"
 
 
 @pytest.mark.slow

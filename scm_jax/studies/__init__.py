@@ -5,8 +5,10 @@
     python -m scm_jax.studies.compute --workdir=DIR                  # quality vs training compute
     python -m scm_jax.studies.stabilizers --workdir=DIR              # Sec. 4 ablations
     python -m scm_jax.studies.robustness --workdir=DIR               # the defaults, other seeds
+    python -m scm_jax.studies.posthoc --workdir=DIR                  # FD against the EMA length
 
 Options shared by all (`runner.parse_args`): --config (default experiments/digits.py),
 --size=tiny (seconds-long, what the tests run), --teacher_workdir=DIR (reuse the teacher of a
-digits run instead of training one), --only=RUN,RUN, --set=key=value (an override of every run).
+digits run instead of training one), --only=RUN,RUN, --seeds=N (every run with N student seeds:
+mean and spread), --set=key=value (an override of every run).
 """

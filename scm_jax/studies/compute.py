@@ -74,12 +74,15 @@ def plot(results, path):
     teacher = runner.teacher_row(results)
     for ax, nfe in zip(axes, (1, 2)):
         for i, stage in enumerate(BUDGETS):
-            pts = sorted((frac[rid], runner.best_row(e, nfe)["fd"])
+            pts = sorted((frac[rid], runner.best_row(e, nfe)["fd"],
+                          runner.best_row(e, nfe).get("fd_std", 0.0))
                          for rid, e in results["runs"].items()
                          if e["group"] == stage and runner.best_row(e, nfe)
                          and np.isfinite(frac[rid]))
             if pts:
-                ax.plot(*zip(*pts), "o-", color=f"C{i}", label=LABELS[stage])
+                xs, fds, stds = zip(*pts)
+                ax.errorbar(xs, fds, yerr=stds, fmt="o-", capsize=3, color=f"C{i}",
+                            label=LABELS[stage])
         runner.teacher_line(ax, teacher)
         ax.axvline(0.2, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log")

@@ -31,14 +31,19 @@ def plot(results, path):
         pts = sorted((e["x"], runner.best_row(e, nfe)) for e in results["runs"].values()
                      if e["group"] == "dscd")
         xs = [x for x, r in pts if r]
-        ax.plot(xs, [r["fd"] for _, r in pts if r], "o-", label="dsCD")
+        ax.errorbar(xs, [r["fd"] for _, r in pts if r], capsize=3, fmt="o-", label="dsCD",
+                    yerr=[r.get("fd_std", 0.0) for _, r in pts if r])   # spread over seeds
         diverged = [e["x"] for e in results["runs"].values()
                     if e["group"] == "dscd" and e.get("status") == "diverged"]
         if diverged:
             ax.plot(diverged, [np.nan] * len(diverged), "rx", label="diverged")
         scd = results["runs"].get("scd")
         if scd and runner.best_row(scd, nfe):
-            ax.axhline(runner.best_row(scd, nfe)["fd"], color="C1", ls="--", label="sCD")
+            row = runner.best_row(scd, nfe)
+            ax.axhline(row["fd"], color="C1", ls="--", label="sCD")
+            if row.get("fd_std"):
+                ax.axhspan(row["fd"] - row["fd_std"], row["fd"] + row["fd_std"], color="C1",
+                           alpha=0.15)
         runner.teacher_line(ax, teacher)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="N (discretization steps)", ylabel="FD (digits classifier)",

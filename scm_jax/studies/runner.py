@@ -10,6 +10,12 @@ last checkpoint. A run whose training diverges (the non-finite guard stops it,
 `train.TrainingDiverged`) is recorded as diverged with the step and the message, and the study
 goes on. The plot is redrawn from the JSON at the end (`<workdir>/<study>.png`).
 
+Seeds: `--seeds=N` trains every run N times, with student seeds config.seed + 0..N-1 (the
+teachers shared); the other seeds' results sit in the run's entry (`seeds`), and `best_row`
+returns the mean over the seeds with its spread (`fd_std`, the sample standard deviation, and
+`fd_values`). `compare` calls two results different only when their means differ by more than
+the larger spread (otherwise 'inconclusive'); with one seed it cannot say.
+
 Teachers: the study's default teacher is trained once in `<workdir>/teachers/base/` (or taken
 from an existing run of the experiment, `--teacher_workdir=DIR`, its `DIR/teacher`); a study
 that changes the architecture names other teachers (`Study.teachers`: id -> overrides), each
@@ -63,14 +69,15 @@ def parse_args(argv, study: Study) -> dict:
     """--workdir=DIR [--config=experiments/digits.py] [--size=full|tiny]
     [--teacher_workdir=DIR] [--only=id,id] [--set=key=value ...] (overrides of every run)."""
     args = dict(workdir=None, config="experiments/digits.py", size="full", teacher_workdir=None,
-                only="", overrides=[])
+                only="", overrides=[], seeds="1")
     for arg in argv:
         key, sep, value = arg.lstrip("-").partition("=")
         if key not in set(args) - {"overrides"} | {"set"} or not sep or not arg.startswith("--"):
             raise SystemExit(f"error: unknown argument {arg!r}; usage: python -m "
                              f"scm_jax.studies.{study.name} --workdir=DIR "
                              f"[--config=experiments/digits.py] [--size=full|tiny] "
-                             f"[--teacher_workdir=DIR] [--only=RUN,RUN] [--set=key=value]")
+                             f"[--teacher_workdir=DIR] [--only=RUN,RUN] [--seeds=N] "
+                             f"[--set=key=value]")
         if key == "set":
             args["overrides"].append(value)
         else:
@@ -79,6 +86,9 @@ def parse_args(argv, study: Study) -> dict:
         raise SystemExit("error: --workdir=DIR is required")
     if args["size"] not in ("full", "tiny"):
         raise SystemExit(f"error: --size={args['size']!r}; expected 'full' or 'tiny'")
+    if not args["seeds"].isdigit() or int(args["seeds"]) < 1:
+        raise SystemExit(f"error: --seeds={args['seeds']!r}; expected a count >= 1")
+    args["seeds"] = int(args["seeds"])
     return args
 
 
@@ -107,9 +117,10 @@ def load_config(spec: str, size: str, overrides=()):
 
 
 def run_study(study: Study, *, workdir, config="experiments/digits.py", size="full",
-              teacher_workdir=None, only="", overrides=(), log=print) -> dict:
-    """Runs (or resumes) the study; returns its results dict (also in <workdir>/<name>.json)."""
-    from scm_jax import evaluate, files, sharding, train
+              teacher_workdir=None, only="", overrides=(), seeds: int = 1, log=print) -> dict:
+    """Runs (or resumes) the study, every run with `seeds` student seeds; returns its results
+    dict (also in <workdir>/<name>.json)."""
+    from scm_jax import files, sharding
     from scm_jax.evaluation import evaluators
 
     spec, common = config, tuple(overrides)
@@ -151,39 +162,25 @@ def run_study(study: Study, *, workdir, config="experiments/digits.py", size="fu
         teacher_dirs[tid] = _teacher(study, tid, base, spec, size, common, workdir,
                                      teacher_workdir, results, scorer, save, log)
     t_start = time.time()
+    results["seeds"] = max(int(seeds), int(results.get("seeds", 1)))
     for i, run in enumerate(wanted):
-        done = results["runs"].get(run.id)
-        steps = _steps(run, base)
-        if done and done.get("status") in ("done", "diverged") and done.get("steps") == steps:
-            continue
-        log(f"[study] run {i + 1}/{len(wanted)}: {run.id} ({run.stage}, "
-            f"{' '.join(run.overrides) or 'as configured'})")
-        cfg = load_config(spec, size, common + tuple(run.overrides) + tuple(run.eval_overrides))
-        cfg.teacher.checkpoint_dir = teacher_dirs[run.teacher]
-        run_dir = os.path.join(workdir, "runs", run.directory or run.id)
-        stage_dir = os.path.join(run_dir, run.stage)
-        _check_not_past(stage_dir, steps, run)
-        entry = dict(stage=run.stage, overrides=list(run.overrides), teacher=run.teacher,
-                     label=run.label or run.id, group=run.group, x=run.x, steps=steps,
-                     directory=stage_dir)
-        t0 = time.time()
-        try:
-            train.train_stage(cfg, run.stage, run_dir, log=log)
-            entry["status"] = "done"
-        except train.TrainingDiverged as e:
-            entry.update(status="diverged", message=str(e))
-            log(f"[study] {run.id}: diverged: {e}")
-        entry["seconds"] = time.time() - t0
-        entry["curves"] = read_curves(os.path.join(stage_dir, "metrics.jsonl"))
-        entry["rows"] = []
-        if entry["status"] == "done":
-            cfg[run.stage].checkpoint_dir = stage_dir   # scored from the run's checkpoints
-            scores = evaluate.evaluate_all(cfg, os.path.join(run_dir, f"eval_at_{steps}"),
-                                           stages=(run.stage,), scorer=scorer, log=log)
-            entry["rows"] = [_row(r) for r in scores["rows"] if r.get("id") != "data"]
-        entry["seconds"] = time.time() - t0
-        results["runs"][run.id] = entry
-        save()
+        for k in range(int(seeds)):
+            entry = results["runs"].get(run.id)
+            if k:
+                entry = (entry or {}).get("seeds", {}).get(str(k))
+            steps = _steps(run, base)
+            if entry and entry.get("status") in ("done", "diverged") and entry.get("steps") == steps:
+                continue
+            log(f"[study] run {i + 1}/{len(wanted)}: {run.id}" + (f" (seed +{k})" if k else "")
+                + f" ({run.stage}, {' '.join(run.overrides) or 'as configured'})")
+            entry = _train_and_score(run, k, spec, size, common, base, steps, workdir,
+                                     teacher_dirs, scorer, log)
+            if k:
+                results["runs"][run.id].setdefault("seeds", {})[str(k)] = entry
+            else:
+                entry["seeds"] = results["runs"].get(run.id, {}).get("seeds", {})
+                results["runs"][run.id] = entry
+            save()
     if study.finish is not None:
         results["workdir"] = str(workdir)
         study.finish(results, base, log)
@@ -193,6 +190,40 @@ def run_study(study: Study, *, workdir, config="experiments/digits.py", size="fu
     study.plot(results, png)
     log(f"[study] {study.name}: {path}, {png}")
     return results
+
+
+def _train_and_score(run: Run, k: int, spec, size, common, base, steps, workdir, teacher_dirs,
+                     scorer, log) -> dict:
+    """Trains run `run` with student seed config.seed + k (in its own folder for k > 0) and
+    scores it; its results entry."""
+    from scm_jax import evaluate, train
+
+    seed = (f"seed={int(base.seed) + k}",) if k else ()
+    cfg = load_config(spec, size, common + tuple(run.overrides) + seed
+                      + tuple(run.eval_overrides))
+    cfg.teacher.checkpoint_dir = teacher_dirs[run.teacher]
+    run_dir = os.path.join(workdir, "runs", (run.directory or run.id) + (f"_seed{k}" if k else ""))
+    stage_dir = os.path.join(run_dir, run.stage)
+    _check_not_past(stage_dir, steps, run)
+    entry = dict(stage=run.stage, overrides=list(run.overrides + seed), teacher=run.teacher,
+                 label=run.label or run.id, group=run.group, x=run.x, steps=steps,
+                 directory=stage_dir)
+    t0 = time.time()
+    try:
+        train.train_stage(cfg, run.stage, run_dir, log=log)
+        entry["status"] = "done"
+    except train.TrainingDiverged as e:
+        entry.update(status="diverged", message=str(e))
+        log(f"[study] {run.id}: diverged: {e}")
+    entry["curves"] = read_curves(os.path.join(stage_dir, "metrics.jsonl"))
+    entry["rows"] = []
+    if entry["status"] == "done":
+        cfg[run.stage].checkpoint_dir = stage_dir   # scored from the run's checkpoints
+        scores = evaluate.evaluate_all(cfg, os.path.join(run_dir, f"eval_at_{steps}"),
+                                       stages=(run.stage,), scorer=scorer, log=log)
+        entry["rows"] = [_row(r) for r in scores["rows"] if r.get("id") != "data"]
+    entry["seconds"] = time.time() - t0
+    return entry
 
 
 def _steps(run: Run, config) -> int:
@@ -280,12 +311,57 @@ def read_curves(path: str) -> dict:
 
 
 # --- Helpers the studies' tables and plots share ----------------------------------------------
-def best_row(entry: dict, nfe: int, guidance: float = 1.0):
-    """The row of a run (or a teacher) at `nfe` and `guidance`, or None."""
+def _seed_row(entry: dict, nfe: int, guidance: float):
     for r in entry.get("rows", []):
         if r.get("nfe") == nfe and abs(r.get("guidance", 1.0) - guidance) < 1e-9:
             return r
     return None
+
+
+MEANS = ("fd", "fd_small", "accuracy", "precision", "recall")
+
+
+def best_row(entry: dict, nfe: int, guidance: float = 1.0):
+    """The row of a run (or a teacher) at `nfe` and `guidance`, or None. A run trained with
+    several seeds (`seeds`) gives the mean over those that finished, with `n`, `fd_std` (the
+    sample standard deviation; 0 for one) and `fd_values`."""
+    rows = [_seed_row(entry, nfe, guidance)] + [
+        _seed_row(e, nfe, guidance) for _, e in sorted(entry.get("seeds", {}).items())]
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return None
+    if len(rows) == 1 and not entry.get("seeds"):
+        return rows[0]
+    out = dict(rows[0], n=len(rows), fd_values=[r["fd"] for r in rows])
+    for key in MEANS:
+        if all(key in r for r in rows):
+            out[key] = float(sum(r[key] for r in rows) / len(rows))
+    values = out["fd_values"]
+    out["fd_std"] = (float((sum((v - out["fd"]) ** 2 for v in values) / (len(values) - 1))
+                           ** 0.5) if len(values) > 1 else 0.0)
+    return out
+
+
+def compare(a: dict, b: dict, key: str = "fd") -> str:
+    """'lower' / 'higher' (a's mean against b's) when they differ by more than the larger of
+    their run-to-run spreads (`best_row`'s `fd_std`), else 'inconclusive' (also when either
+    has fewer than two seeds: its spread is unknown)."""
+    if min(a.get("n", 1), b.get("n", 1)) < 2:
+        return "inconclusive"
+    spread = max(a.get(f"{key}_std", 0.0), b.get(f"{key}_std", 0.0))
+    diff = a[key] - b[key]
+    if abs(diff) <= spread:
+        return "inconclusive"
+    return "lower" if diff < 0 else "higher"
+
+
+def format_fd(row: dict | None) -> str:
+    """'2.310' for one seed, '2.310 ± 0.120 (3)' for several, '-' for none."""
+    if row is None:
+        return "-"
+    if row.get("n", 1) > 1:
+        return f"{row['fd']:.3f} ± {row['fd_std']:.3f} ({row['n']})"
+    return f"{row['fd']:.3f}"
 
 
 def teacher_row(results: dict, tid: str = "base", guidance: float = 1.0):

@@ -72,13 +72,15 @@ def plot(results, path):
             ax.set(title=f"{name}: {metric}", xlabel="step")
             ax.set_yscale("symlog" if metric == "loss" else "log")
         ax = axes[row][len(panels)]
-        labels, values, colors = [], [], []
+        labels, values, spreads, colors = [], [], [], []
         for i, (rid, e) in enumerate(entries):
             r = runner.best_row(e, 2)
             labels.append(e["label"].split(": ", 1)[-1])
             values.append(r["fd"] if r else np.nan)
+            spreads.append(r.get("fd_std", 0.0) if r else 0.0)
             colors.append("red" if e.get("status") == "diverged" else f"C{i % 10}")
-        ax.barh(range(len(values)), np.nan_to_num(values, nan=0.0), color=colors)
+        ax.barh(range(len(values)), np.nan_to_num(values, nan=0.0), color=colors,
+                xerr=spreads, capsize=2)
         for i, v in enumerate(values):
             ax.text(0, i, " diverged" if not np.isfinite(v) else f" {v:.2f}", va="center",
                     fontsize=7)
