@@ -22,6 +22,14 @@ time from the compile check's roofline (`scm_jax.gpu_roofline`, an estimate of o
 compiler's answers are kept on disk (`scm_jax.compile_cache`; `--no_compile_cache` turns that
 off), so a repeated question costs a lowering, not a compile.
 
+A slice and setting where a smaller network of the same family (EDM2 S < M < ... < XXL at
+one resolution, DiT S < B < L < XL) did not fit at the same stage is not compiled for the wider
+one: it is recorded in `tried` as `fit_source: inferred` with the smaller preset's name and
+bytes (a wider network at the same batch, slice and setting needs at least as much memory).
+The TPU compiler finishes a program that exceeds HBM by less than about 1.5x and reports its
+size (an EDM2 step at v5p-8 without rematerialization: 15-18 minutes), so this saves the
+longest compiles of the search.
+
 Results are written to --json after every entry, and entries already there are skipped, so an
 interrupted run resumes; `benchmarks/pod_fit_table.py` makes the tables of docs/paper-scale.md
 from it. On a 2-core host one TPU compile of a DDPM++ CIFAR-10 step takes 9-18 minutes, a DiT-S
@@ -68,12 +76,38 @@ def with_settings(spec: str, stage: str, topology, remat: str):
 TEACHER_CACHE = {}
 
 
-def fit(spec: str, stage: str, platform: str, log, teacher_entry=None, cache_dir=None) -> dict:
+def family(preset: str) -> str:
+    """'edm2-in512' of 'edm2-in512-xl': presets that differ only in width (PRESETS' order is
+    smallest first)."""
+    return preset.rsplit("-", 1)[0]
+
+
+def smaller_failures(results: dict, preset: str, stage: str, platform: str) -> dict:
+    """{(slice, remat): (smaller preset, required bytes)} where a smaller network of `preset`'s
+    family did not fit at the same stage, platform, slice and setting, by the compiler's answer
+    (the first such preset)."""
+    out = {}
+    for other in PRESETS:
+        if other == preset:
+            break
+        if family(other) != family(preset):
+            continue
+        for t in results.get(f"{other}:{stage}:{platform}", {}).get("tried", []):
+            if t.get("fits") is False and t.get("fit_source") != "inferred":
+                out.setdefault((t["topology"], t["remat"]), (other, t.get("required_bytes_per_chip")))
+    return out
+
+
+def fit(spec: str, stage: str, platform: str, log, teacher_entry=None, cache_dir=None,
+        smaller=None) -> dict:
     """The smallest slice of `platform` where `stage` fits, with the compile check's report.
     `teacher_entry`: this preset's teacher result on `platform`, whose compile is reused where
-    the slice, remat and batch are the same."""
+    the slice, remat and batch are the same. `smaller` (`smaller_failures`): slices and settings
+    where a smaller network of the same family did not fit; they are not compiled (a wider
+    network at the same batch needs at least its memory) and are recorded as 'inferred'."""
     base = configs.load(spec, [f"stage={stage}"])
     state_bytes = STATE_BYTES_PER_PARAM * parameter_count(base, stage)
+    smaller = smaller or {}
     tried = []
     for product in SIZES[platform]:
         topology = cc.parse_topology(product)
@@ -84,6 +118,14 @@ def fit(spec: str, stage: str, platform: str, log, teacher_entry=None, cache_dir
             tried.append(dict(topology=product, skipped="batch does not divide over the chips"))
             continue
         for remat in SETTINGS:
+            if (product, remat) in smaller:
+                other, required = smaller[product, remat]
+                tried.append(dict(topology=product, remat=remat, fits=False,
+                                  fit_source="inferred", inferred_from=other,
+                                  required_bytes_per_chip=required))
+                log(f"  {product} remat={remat}: does not fit (inferred: the smaller {other} "
+                    f"does not)")
+                continue
             start = time.time()
             config = with_settings(spec, stage, topology, remat)
             t = teacher_entry or {}
@@ -174,7 +216,8 @@ def main(argv=None):
             report = fit(PRESETS[preset], stage, platform,
                          log=lambda m: print(m, file=sys.stderr, flush=True),
                          teacher_entry=results.get(f"{preset}:teacher:{platform}"),
-                         cache_dir=cache_dir)
+                         cache_dir=cache_dir,
+                         smaller=smaller_failures(results, preset, stage, platform))
             report.pop("compiled", None)
             results[key] = report
             save()

@@ -234,6 +234,37 @@ def test_pod_fit_moves_past_what_does_not_fit_and_resumes(monkeypatch, tmp_path)
     assert calls == []
 
 
+def test_pod_fit_infers_no_fit_from_a_smaller_network_of_the_family(monkeypatch):
+    pod_fit = _pod_fit()
+    failed = dict(topology="v5p-8", remat="none", fits=False, fit_source="compiled",
+                  required_bytes_per_chip=105 * cc.GIB)
+    results = {"edm2-in512-s:scd:v5p": dict(fits=True, tried=[failed]),
+               "edm2-in512-m:scd:v5p": dict(fits=True, tried=[dict(
+                   failed, remat="block", fit_source="inferred")]),
+               "edm2-in64-s:scd:v5p": dict(fits=True, tried=[dict(failed, remat="block")])}
+    smaller = pod_fit.smaller_failures(results, "edm2-in512-l", "scd", "v5p")
+    # Only the compiler's answers of the same family, stage and platform count.
+    assert smaller == {("v5p-8", "none"): ("edm2-in512-s", 105 * cc.GIB)}
+    assert pod_fit.smaller_failures(results, "edm2-in512-s", "scd", "v5p") == {}
+    assert pod_fit.smaller_failures(results, "edm2-in512-l", "teacher", "v5p") == {}
+    calls = []
+
+    def check(config, stage, topology, **kw):
+        calls.append((topology.product, config.model.remat))
+        return dict(topology=topology.product, remat=config.model.remat, fits=True,
+                    fit_source="compiled", required_bytes_per_chip=cc.GIB, lower_seconds=1.0,
+                    compile_seconds=2.0)
+
+    monkeypatch.setattr(pod_fit.cc, "check", check)
+    monkeypatch.setitem(pod_fit.SIZES, "v5p", ["v5p-8", "v5p-16"])
+    r = pod_fit.fit(os.path.join(REPO, "experiments/digits.py:variant=tiny"), "sct", "v5p",
+                    log=lambda m: None, smaller={("v5p-8", "none"): ("edm2-in512-s", 7)})
+    assert calls == [("v5p-8", "block")] and r["remat"] == "block"
+    assert r["tried"][0] == dict(topology="v5p-8", remat="none", fits=False,
+                                 fit_source="inferred", inferred_from="edm2-in512-s",
+                                 required_bytes_per_chip=7)
+
+
 def _entry(topology, stage, fits=True, **kw):
     entry = dict(topology=topology, stage=stage, fits=fits, mesh=dict(data=1, fsdp=4),
                  remat="none", batch_size=512, peak_bytes_per_chip=7 * cc.GIB,
