@@ -31,7 +31,20 @@ from scm_jax.evaluation import evaluators
 from scm_jax.metrics_log import save_image_grid
 
 
-def guidance_scales(objective, ev) -> tuple:
+def guide_stage_for(config, name: str) -> str | None:
+    """The guiding network of diffusion stage `name`: the stage a student distilling `name`
+    takes its guidance's unconditional branch from (`guidance.network`), or None (CFG)."""
+    from scm_jax import configs
+
+    for stage in configs.training_stages(config):
+        st = config[stage]
+        network = st.get("guidance", {}).get("network", "") if "guidance" in st else ""
+        if network and st.get("teacher_stage") == name:
+            return network
+    return None
+
+
+def guidance_scales(objective, ev, guided_by_network: bool = False) -> tuple:
     """The scales a model is sampled at: `ev.guidance_scales` for a student trained over a range
     of scales with the scale as its input and for a teacher trained with label dropout
     (classifier-free guidance), else 1 (a student distilled at one fixed scale has it built in:
@@ -42,7 +55,8 @@ def guidance_scales(objective, ev) -> tuple:
         guided = (getattr(objective, "guided", False) and model.guidance_input
                   and g.scale_min != g.scale_max)
     else:
-        guided = model.num_classes > 0 and objective.cfg.get("label_dropout", 0.0) > 0
+        guided = guided_by_network or (model.num_classes > 0
+                                       and objective.cfg.get("label_dropout", 0.0) > 0)
     return tuple(float(s) for s in ev.guidance_scales) if guided else (1.0,)
 
 
@@ -56,18 +70,19 @@ def distilled_scale(objective, scale: float) -> float:
     return scale
 
 
-def plan(objective, ev) -> list:
+def plan(objective, ev, guided_by_network: bool = False) -> list:
     """[(sampling.Method, guidance scale)] a stage is scored at, in table order."""
     steps = ev.teacher_steps if sampling.solves_ode(objective) else ev.consistency_steps
     methods = [sampling.method_for(objective, int(s), t_mid=ev.t_mid, solver=ev.teacher_solver)
                for s in steps]
-    return [(m, s) for m in methods for s in guidance_scales(objective, ev)]
+    return [(m, s) for m in methods for s in guidance_scales(objective, ev, guided_by_network)]
 
 
-def row_id(stage: str, method, scale: float, sigma_rel: float = 0.0) -> str:
-    """'<stage>_<nfe>' (+ '_g<scale>' when guided, + '_ema<sigma_rel>' for a post-hoc EMA):
-    the row's file names."""
+def row_id(stage: str, method, scale: float, sigma_rel: float = 0.0, guide: str = "") -> str:
+    """'<stage>_<nfe>' (+ '_g<scale>' when guided, + '_by<guide>' when a guiding network is the
+    unconditional branch, + '_ema<sigma_rel>' for a post-hoc EMA): the row's file names."""
     return (f"{stage}_{method.nfe}" + ("" if scale == 1.0 else f"_g{scale:g}")
+            + (f"_by{guide}" if guide and scale != 1.0 else "")
             + (f"_ema{sigma_rel:g}" if sigma_rel else ""))
 
 
@@ -177,8 +192,16 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
         params, step = stage_restore.restore_stage_ema(config, name, workdir, mesh,
                                                        sigma_rel=sigma_rel)
         model = objective.model_cfg
-        for method, scale in plan(objective, ev):
-            rid = row_id(name, method, scale, sigma_rel)
+        guide_name = guide_stage_for(config, name) if sampling.solves_ode(objective) else None
+        guide = None
+        if guide_name:   # EDM2's guidance: the guiding network is the unconditional branch
+            guide_objective = objectives.build(config, guide_name)
+            guide_params, _ = stage_restore.restore_stage_ema(config, guide_name, workdir, mesh)
+            params = dict(net=params, guide=guide_params)
+            guide = (guide_objective.net_eval, guide_objective.model_cfg.num_classes > 0)
+            say(f"[eval] {name}: guided by the network of stage {guide_name}")
+        for method, scale in plan(objective, ev, guided_by_network=guide is not None):
+            rid = row_id(name, method, scale, sigma_rel, guide_name or "")
             if rid in done:
                 rows.append(done[rid])
                 say(f"[eval] {rid}: done before")
@@ -187,7 +210,7 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
             draw = sampling.sampler(objective.net_eval, data_shape(config.data), objective.sigma_d,
                                     method, num_classes=model.num_classes,
                                     guidance_input=model.guidance_input, scale=scale,
-                                    out_sharding=sharding.replicated(mesh))
+                                    out_sharding=sharding.replicated(mesh), guide=guide)
             generate = chunk_generator(draw, params, labels, batch_size,
                                        jax.random.fold_in(key, _stable_hash(rid)), mesh)
             sink = _sink(config, rid, eval_dir, sample_dir, labels if conditional else None,
@@ -199,6 +222,8 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
                 log=lambda m, rid=rid: say(f"[eval] {rid}: {m}"))
             rows.append(dict(id=rid, model=name, checkpoint_step=step, nfe=method.nfe,
                              **({"ema_sigma_rel": sigma_rel} if sigma_rel else {}),
+                             **({"guided_by": guide_name} if guide_name and scale != 1.0
+                                else {}),
                              sampler=_describe(method),
                              guidance=distilled_scale(objective, scale), **scores))
             say(f"[eval] {rid}: " + ", ".join(f"{k} {scores[k]:.3f}" for k in

@@ -309,14 +309,30 @@ def sample(F_fn: FFn, key: jax.Array, shape, sigma_d: float, method: Method,
 
 
 def conditioned(net_fn: Callable, params, labels=None, *, num_classes: int = 0,
-                guidance_input: bool = False, scale=1.0) -> FFn:
+                guidance_input: bool = False, scale=1.0, guide=None) -> FFn:
     """F_fn(x_scaled, t) of `net_fn(params, x, t, cond)` for `labels` [B] at guidance `scale`.
 
     A guided student (guidance_input) takes the scale as its input (sCM Sec. 7); a conditional
     model without that input is classifier-free guided, its conditional and unconditional
     passes batched together (`guidance.guided`); scale 1.0 is the plain conditional model.
-    An unconditional model (num_classes = 0) ignores labels.
+    An unconditional model (num_classes = 0) ignores labels. With `guide` = (guide_fn,
+    conditional), the unconditional branch is another network instead (EDM2's guiding network:
+    F_g + scale (F - F_g)); `params` is then {'net': ..., 'guide': ...}.
     """
+    if guide is not None:
+        guide_fn, guide_conditional = guide
+        net_params = params["net"]
+
+        def guided_by_network(x, t):
+            cond = {"y": labels} if num_classes else {}
+            F_cond = net_fn(net_params, x, t, cond)
+            if guidance.is_unguided(scale):
+                return F_cond
+            F_guide = guide_fn(params["guide"], x, t, cond if guide_conditional else {})
+            return guidance.classifier_free_guidance(F_cond, F_guide, scale)
+
+        return guided_by_network
+
     def with_labels(x, t, y):
         cond = {"y": y} if num_classes else {}
         if guidance_input:
@@ -329,8 +345,10 @@ def conditioned(net_fn: Callable, params, labels=None, *, num_classes: int = 0,
 
 
 def sampler(net_fn: Callable, image_shape, sigma_d: float, method: Method, *,
-            num_classes: int = 0, guidance_input: bool = False, scale=1.0, out_sharding=None):
-    """A jitted draw(params, key, labels [N]) -> samples [N, *image_shape] of one network.
+            num_classes: int = 0, guidance_input: bool = False, scale=1.0, out_sharding=None,
+            guide=None):
+    """A jitted draw(params, key, labels [N]) -> samples [N, *image_shape] of one network (or
+    of a network guided by another: `guide`, see `conditioned`).
 
     `out_sharding` (e.g. replicated over the training mesh) places the result; by default XLA
     chooses. Every batch size compiles once.
@@ -339,7 +357,7 @@ def sampler(net_fn: Callable, image_shape, sigma_d: float, method: Method, *,
 
     def draw(params, key, labels):
         F_fn = conditioned(net_fn, params, labels, num_classes=num_classes,
-                           guidance_input=guidance_input, scale=scale)
+                           guidance_input=guidance_input, scale=scale, guide=guide)
         return sample(F_fn, key, (labels.shape[0],) + image_shape, sigma_d, method)
 
     return jax.jit(draw, out_shardings=out_sharding)

@@ -78,6 +78,35 @@ def test_the_guided_teacher_is_the_guide_plus_w_times_the_difference(arg):
         teacher.pack(net)
 
 
+def test_sampling_with_a_guiding_network_is_the_same_combination():
+    from scm_jax import evaluate, sampling
+
+    config = _config(None)
+    assert evaluate.guide_stage_for(config, "teacher") == "guide"
+    assert evaluate.guide_stage_for(_config(None, "variant=runlocal"), "teacher") is None
+    net_obj, guide_obj = objectives.build(config, "teacher"), objectives.build(config, "guide")
+    seed = int(np.random.default_rng().integers(1 << 20))
+    params = dict(net=_random_ema(net_obj, seed), guide=_random_ema(guide_obj, seed + 1))
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((3, 8, 8, 4)), jnp.float32)
+    t = jnp.asarray(rng.uniform(0.1, 1.5, 3), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 1000, 3))
+    F = sampling.conditioned(net_obj.net_eval, params, y, num_classes=1000, scale=1.7,
+                             guide=(guide_obj.net_eval, False))(x, t)
+    F_c = np.asarray(net_obj.net_eval(params["net"], x, t, {"y": y}), np.float64)
+    F_g = np.asarray(guide_obj.net_eval(params["guide"], x, t, {}), np.float64)
+    expected = F_g + 1.7 * (F_c - F_g)
+    np.testing.assert_allclose(np.asarray(F), expected, rtol=0,
+                               atol=1e-5 * np.abs(expected).max())
+    # The teacher's velocity (sCD) and the sampler's F are the same guidance.
+    teacher = objectives.Teacher(net_obj, guide_obj)
+    sd = float(config.data.sigma_d)
+    v = teacher.velocity(teacher.pack(params["net"], params["guide"]), x * sd, t, {"y": y},
+                         jnp.full((3,), 1.7, jnp.float32))
+    np.testing.assert_allclose(np.asarray(v) / sd, np.asarray(F), rtol=0,
+                               atol=1e-6 * np.abs(expected).max())
+
+
 def test_guide_config_errors_name_the_value():
     with pytest.raises(ConfigError, match="guide 'xs' for imagenet64"):
         load_experiment("imagenet64", "variant=runlocal,guide=xs")

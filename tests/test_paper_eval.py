@@ -142,6 +142,19 @@ def test_imagenet512_latents_guided_evaluation_and_sampling_command(weights, tmp
         assert f["labels"].tolist() == list(range(8))
     assert len(chunks) == 1
 
+    # With EDM2's guidance (guide=xs), the teacher's guided rows take their unconditional
+    # branch from the guiding network's EMA, in rows of their own.
+    guided = load_experiment("imagenet512", "variant=runlocal,guide=xs")
+    guided.eval, guided.model.channel_mult = config.eval, (1,)
+    _fake_checkpoint(guided, "guide", workdir, seed=2)
+    lines = []
+    rows = evaluate.evaluate_all(guided, str(workdir), stages=("teacher",),
+                                 log=lines.append)["rows"]
+    assert [(r["id"], r.get("guided_by")) for r in rows] == [
+        ("teacher_3", None), ("teacher_3_g1.5_byguide", "guide")]
+    assert any("guided by the network of stage guide" in line for line in lines)
+    assert rows[1]["fid"] > 0 and rows[1]["fid"] != results["rows"][1]["fid"]
+
     # The sampling command: a decoded grid and the arrays, from the guided student.
     assert sample_cmd.main(["sample", "--config=experiments/imagenet512.py:variant=runlocal",
                             f"--workdir={workdir}", "--stage=scd", "--steps=2", "--num=5",
