@@ -55,13 +55,20 @@ class CheckpointStore:
     after a failed background write (`check`, `save`, `close`) raises CheckpointSaveError.
     """
 
-    def __init__(self, directory, *, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory, *, keep: int = 2, async_save: bool = True,
+                 barrier_prefix: str | None = None):
+        """`barrier_prefix` names this store's cross-process barriers: a store saving while
+        another one's asynchronous save is in flight (a stage's post-hoc EMA snapshots beside
+        its checkpoints) needs its own, or the processes of a multi-process run meet in each
+        other's barriers and wait forever."""
         self.directory = files.path(directory)
         self._pending = None   # the step of the save in flight (or the last one)
         self.manager = ocp.CheckpointManager(
             self.directory / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=async_save),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=barrier_prefix)),
             item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                            "data": ocp.JsonCheckpointHandler(),
                            "integrity": ocp.JsonCheckpointHandler()})

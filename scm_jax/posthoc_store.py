@@ -52,7 +52,8 @@ class SnapshotWriter:
     def __init__(self, stage_directory, sigma_rels, every: int, steps: int, resume_step: int,
                  log=print):
         self.sigma_rels, self.every, self.steps = tuple(sigma_rels), int(every), int(steps)
-        self.store = CheckpointStore(snapshot_dir(stage_directory), keep=None)
+        self.store = CheckpointStore(snapshot_dir(stage_directory), keep=None,
+                                     barrier_prefix="posthoc")
         self.store.manager.reload()
         later = [s for s in self.store.manager.all_steps() if s > resume_step]
         for step in later:   # taken after the checkpoint resumed from: re-taken as the steps re-run

@@ -50,6 +50,23 @@ def x64_module():
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test module, its compiled programs and their buffers are dropped (the
+    persistent cache on disk keeps them): a worker process runs many modules, and holding every
+    module's executables grew each worker past 10 GB of the machine's 24."""
+    yield
+    import ctypes
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)   # hand freed heap pages back to the system
+    except (OSError, AttributeError):
+        pass
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU (skipped on CPU)")
     config.addinivalue_line("markers", "slow: longer than a few seconds on the 2-core machine "

@@ -138,9 +138,19 @@ def wait_for_output(proc, text: str, timeout: float = 600):
         time.sleep(0.2)
 
 
-def finish_processes(procs, codes=(0, 0)):
-    for p in procs:
-        p.wait(timeout=900)
+def finish_processes(procs, codes=(0, 0), timeout: float = 600):
+    """Waits for every process (at most `timeout` seconds in all) and checks their exit codes;
+    on a timeout all of them are killed, so a hung collective does not outlive the test."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise AssertionError(f"the processes did not finish within {timeout:g} s; stderr of the "
+                             f"first: {_read_log(procs[0].logs[1])[-3000:]}") from None
     outputs = [(_read_log(p.logs[0]), _read_log(p.logs[1])) for p in procs]
     for p, code, (out, err) in zip(procs, codes, outputs):
         assert p.returncode == code, err[-3000:]
