@@ -9,16 +9,17 @@ wall time and the throughput counting 3x the forward FLOPs (6 matmuls; sCM App. 
 installed it also compiles both ahead of time for a TPU v5p:2x2x1 slice (batch 4, one row per
 chip) and reports their per-chip memory. Times are only comparable within one run.
 """
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scm_jax import cli
 from scm_jax.kernels import flash_jvp as fj
 from scm_jax.networks.attention import dot_product_attention
 
@@ -86,22 +87,33 @@ def tpu_aot(ns, heads, head_dim):
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ns", default="256,1024,4096,16384")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, else bfloat16")
-    parser.add_argument("--time-max-n", type=int, default=None,
-                        help="time only N up to this (default: 1024 on CPU, all elsewhere)")
-    parser.add_argument("--xla-time-max-n", type=int, default=None,
-                        help="time the XLA JVP only up to this N (default: --time-max-n)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-tpu-aot", action="store_true")
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args()
+def _define_flags(fv) -> None:
+    from absl import flags
 
+    flags.DEFINE_string("ns", "256,1024,4096,16384", "comma-separated sequence lengths N",
+                        flag_values=fv)
+    flags.DEFINE_integer("batch", 1, "batch size B", flag_values=fv)
+    flags.DEFINE_integer("heads", 16, "heads H", flag_values=fv)
+    flags.DEFINE_integer("head_dim", 64, "head dimension D", flag_values=fv)
+    flags.DEFINE_string("dtype", None, "default: float32 on CPU, else bfloat16", flag_values=fv)
+    flags.DEFINE_integer("time_max_n", None, "time only N up to this (default: 1024 on CPU, all "
+                         "elsewhere)", flag_values=fv)
+    flags.DEFINE_integer("xla_time_max_n", None, "time the XLA JVP only up to this N (default: "
+                         "--time_max_n)", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "timed repeats", flag_values=fv)
+    flags.DEFINE_bool("no_tpu_aot", False, "skip the TPU v5p compile (memory from the TPU "
+                      "compiler on this host)", flag_values=fv)
+    flags.DEFINE_string("json", None, "write the results here", flag_values=fv)
+
+
+def main(argv=None):
+    """The command; argv without the program name (sys.argv's by default). Returns the exit
+    status."""
+    return cli.run_command(__doc__, _define_flags, _measure_all, cli.program_argv(argv))
+
+
+def _measure_all(args, overrides) -> int:
+    cli.refuse_overrides(overrides)
     platform = jax.default_backend()
     backend = fj.default_backend()
     dtype = jnp.dtype(args.dtype or ("float32" if platform == "cpu" else "bfloat16"))
@@ -141,7 +153,8 @@ def main():
             json.dump(dict(device=jax.devices()[0].device_kind, dtype=dtype.name,
                            batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                            results=results), fh, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,6 @@ written as an EDM2 network pickle, imported, distilled by sCD, evaluated.
 
 Prints the table and the stability figures and writes them to --json.
 """
-import argparse
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 
-from scm_jax import (configs, evaluate, import_teacher, objectives,  # noqa: E402
+from scm_jax import (cli, configs, evaluate, import_teacher, objectives,  # noqa: E402
                      stage_restore, train)
 from scm_jax.networks.edm2_names import params_to_edm2  # noqa: E402
 from tests import edm2_format  # noqa: E402  (the EDM2-format pickle writer)
@@ -73,12 +72,25 @@ def stability(workdir: str, stage: str) -> dict:
                 all_losses_finite=finite)
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "where the two pipelines' stages and the pickle go",
+                        flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    flags.DEFINE_string("json", "", "also write the results to this JSON file", flag_values=fv)
+    flags.DEFINE_enum("variant", "default", ("default", "tiny"), "the digits experiment's size",
+                      flag_values=fv)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--json", default="")
-    parser.add_argument("--variant", default="default", choices=("default", "tiny"))
-    args = parser.parse_args(argv)
+    """The command; argv without the program name (sys.argv's by default). Returns the exit
+    status."""
+    return cli.run_command(__doc__, _define_flags, _run, cli.program_argv(argv))
+
+
+def _run(args, overrides) -> int:
+    cli.refuse_overrides(overrides)
     spec = os.path.join(REPO, "experiments", f"digits.py:variant={args.variant},teacher=edm2")
     config = configs.load(spec, [])
     config.pipeline = ("teacher", "scd", "eval")

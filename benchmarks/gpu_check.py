@@ -24,7 +24,6 @@ directory), so a run cut short keeps what it measured, and prints a summary. Exp
 3-8 minutes on one H100/H200, most of it compiling the six train steps. `--dry` runs everything on the CPU with tiny shapes, the kernel in Triton's
 interpreter and the runlocal DiT, the roofline of an H100: to test the script, not to measure.
 """
-import argparse
 import json
 import os
 import sys
@@ -121,28 +120,44 @@ def sampling_throughput(config_spec: str, batch: int, repeats: int) -> dict:
                 two_step_vs_teacher=rows["2-step"]["images_per_second"] / teacher)
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("out", os.environ.get("OUT", "."), "where gpu_check.json goes "
+                        "(default: $OUT, else the working directory)", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "images per train step", flag_values=fv)
+    flags.DEFINE_integer("calls", 10, "timed calls per measurement", flag_values=fv)
+    flags.DEFINE_string("ns", "1024,4096,8192", "sequence lengths of the kernel's speed and "
+                        "memory", flag_values=fv)
+    flags.DEFINE_string("networks", "dit-s,edm2-s", "train steps of these ImageNet 512 networks",
+                        flag_values=fv)
+    flags.DEFINE_integer("sample_batch", 64, "images per sampling call", flag_values=fv)
+    flags.DEFINE_bool("dry", False, "CPU, tiny sizes, interpreted kernel: tests the script only",
+                      flag_values=fv)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--batch", type=int, default=32, help="images per train step")
-    parser.add_argument("--calls", type=int, default=10, help="timed calls per measurement")
-    parser.add_argument("--ns", default="1024,4096,8192",
-                        help="sequence lengths of the kernel's speed and memory")
-    parser.add_argument("--networks", default="dit-s,edm2-s",
-                        help="train steps of these ImageNet 512 networks")
-    parser.add_argument("--sample_batch", type=int, default=64,
-                        help="images per sampling call")
-    parser.add_argument("--dry", action="store_true",
-                        help="CPU, tiny sizes, interpreted kernel: tests the script only")
-    args = parser.parse_args(argv)
+    """The command; argv without the program name (sys.argv's by default). Returns the exit
+    status."""
+    from scm_jax import cli
+
+    return cli.run_command(__doc__, _define_flags, _check, cli.program_argv(argv))
+
+
+def _check(args, overrides) -> int:
+    from scm_jax import cli
+    from scm_jax.errors import ConfigError, UserError
+
+    cli.refuse_overrides(overrides)
     networks = [n for n in args.networks.split(",") if n]
     unknown = sorted(set(networks) - {"dit-s", "edm2-s"})
     if unknown:
-        print(f"error: --networks: unknown {unknown}; expected some of ['dit-s', 'edm2-s']",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"--networks: unknown {unknown}; expected some of ['dit-s', 'edm2-s']")
     if args.dry:
         os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")   # JAX read the variable when imported
     import jax
     import jax.numpy as jnp
 
@@ -154,9 +169,8 @@ def main(argv=None) -> int:
 
     info = device_info(jax)
     if not args.dry and info["platform"] != "gpu":
-        print(f"error: no GPU here (JAX sees {info['platform']}); --dry tests the script on a "
-              f"CPU", file=sys.stderr)
-        return 2
+        raise UserError(f"no GPU here (JAX sees {info['platform']}); --dry tests the script on "
+                        f"a CPU")
     kind = info["kind"].lower()
     gpu = "h200" if "h200" in kind else "h100"   # the roofline's figures (H100 for other GPUs)
     topology = gpu_nodes.parse_gpu_topology(f"{gpu}-1")

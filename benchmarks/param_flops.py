@@ -12,7 +12,6 @@ Our networks carry the sCM changes (ADN doubles each block's embedding projectio
 parameter counts sit above the published ones by exactly that amount (tests/test_edm2.py,
 tests/test_ddpmpp_dit.py check it); `--modulation=original` counts the unmodified networks.
 """
-import argparse
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-from scm_jax import configs, paper_configs
+from scm_jax import cli, configs, paper_configs
 from scm_jax.networks import build_network
 
 # name -> (config spec, input shape, published params (M), published GFLOPs per image)
@@ -62,12 +61,23 @@ def measure(spec, shape, modulation: str):
     return count, float(cost.get("flops", float("nan")))
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("json", "", "also write the rows to this JSON file", flag_values=fv)
+    flags.DEFINE_string("only", "", "comma-separated preset names (default: all)", flag_values=fv)
+    flags.DEFINE_enum("modulation", "sCM", ("sCM", "original"),
+                      "the EDM2 blocks' modulation", flag_values=fv)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", default="")
-    parser.add_argument("--only", default="", help="comma-separated preset names")
-    parser.add_argument("--modulation", default="sCM", choices=("sCM", "original"))
-    args = parser.parse_args(argv)
+    """The command; argv without the program name (sys.argv's by default). Returns the exit
+    status."""
+    return cli.run_command(__doc__, _define_flags, _measure_all, cli.program_argv(argv))
+
+
+def _measure_all(args, overrides) -> int:
+    cli.refuse_overrides(overrides)
     names = [n for n in PRESETS if not args.only or n in args.only.split(",")]
     rows = {}
     print("| preset | params (M) | published (M) | ratio | GFLOPs / image | published | ratio |")
@@ -87,8 +97,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(rows=rows, backend=jax.default_backend()), f, indent=1)
-    return rows
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

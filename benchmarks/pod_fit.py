@@ -35,7 +35,6 @@ interrupted run resumes; `benchmarks/pod_fit_table.py` makes the tables of docs/
 from it. On a 2-core host one TPU compile of a DDPM++ CIFAR-10 step takes 9-18 minutes, a DiT-S
 step 1-2 minutes, an EDM2-XXL sCD step 8 minutes; a GPU compile of an EDM2 step 1-2 minutes.
 """
-import argparse
 import json
 import math
 import os
@@ -45,7 +44,8 @@ import time
 import jax
 
 from scm_jax import compile as cc
-from scm_jax import compile_cache, configs, objectives, sharding
+from scm_jax import cli, compile_cache, configs, objectives, sharding
+from scm_jax.errors import ConfigError
 from scm_jax.data import data_shape
 
 import pod_fit_table
@@ -182,16 +182,38 @@ def tangent_pass(spec: str, impl: str, product: str) -> dict:
                 temp_bytes_per_chip=figures["temp_bytes"], seconds=figures["seconds"])
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("json", None, "the results file (read first: entries already there are "
+                        "skipped, so a run resumes)", flag_values=fv)
+    flags.mark_flag_as_required("json", flag_values=fv)
+    flags.DEFINE_string("only", "", "preset:stage,... (default: all)", flag_values=fv)
+    flags.DEFINE_string("platforms", "v5p,v6e", "comma-separated: v5p, v6e, h100, h200",
+                        flag_values=fv)
+    flags.DEFINE_bool("attention", False, "also the tangent pass of DiT-XL and EDM2-XXL, 'auto' "
+                      "vs 'xla'", flag_values=fv)
+    flags.DEFINE_bool("no_compile_cache", False, "compile every step anew instead of reusing the "
+                      "compiler's answers", flag_values=fv)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--only", default="", help="preset:stage,... (default: all)")
-    parser.add_argument("--platforms", default="v5p,v6e")
-    parser.add_argument("--attention", action="store_true",
-                        help="also the tangent pass of DiT-XL and EDM2-XXL, 'auto' vs 'xla'")
-    parser.add_argument("--no_compile_cache", action="store_true",
-                        help="compile every step anew instead of reusing the compiler's answers")
-    args = parser.parse_args(argv)
+    """The command; argv without the program name (sys.argv's by default). Returns the exit
+    status."""
+    return cli.run_command(__doc__, _define_flags, _fit_all, cli.program_argv(argv))
+
+
+def _fit_all(args, overrides) -> int:
+    cli.refuse_overrides(overrides)
+    unknown = [p for p in args.platforms.split(",") if p not in SIZES]
+    if unknown:
+        raise ConfigError(f"--platforms={args.platforms}: {unknown[0]!r} is not one of "
+                          f"{', '.join(SIZES)}")
+    wanted = [tuple(item.split(":")) for item in args.only.split(",") if item]
+    for item in wanted:
+        if len(item) != 2 or item[0] not in PRESETS or item[1] not in STAGES:
+            raise ConfigError(f"--only: {':'.join(item)!r} is not <preset>:<stage> with a preset "
+                              f"of {', '.join(PRESETS)} and a stage of {', '.join(STAGES)}")
     cache_dir = compile_cache.directory(not args.no_compile_cache)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     results = {}
@@ -205,8 +227,7 @@ def main(argv=None):
             json.dump(results, f, indent=1, default=str)
         os.replace(tmp, args.json)
 
-    wanted = [tuple(item.split(":")) for item in args.only.split(",") if item] or [
-        (preset, stage) for preset in PRESETS for stage in STAGES]
+    wanted = wanted or [(preset, stage) for preset in PRESETS for stage in STAGES]
     for preset, stage in wanted:
         for platform in args.platforms.split(","):
             key = f"{preset}:{stage}:{platform}"
@@ -230,7 +251,8 @@ def main(argv=None):
                     save()
     print(pod_fit_table.format_tables(results, PRESETS, STAGES)
           + pod_fit_table.format_tables(results, PRESETS, STAGES, pod_fit_table.GPU_PLATFORMS))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

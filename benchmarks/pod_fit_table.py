@@ -13,10 +13,12 @@ and `<!-- pod_fit_table:end -->` lines and the GPU tables between its
 `<!-- pod_fit_gpu_table:start -->` and `<!-- pod_fit_gpu_table:end -->` lines (where it has
 them), replacing what was there: the tables are only ever written by this script.
 """
-import argparse
 import json
 import os
 import sys
+
+from scm_jax import cli
+from scm_jax.errors import MissingInputError
 
 START, END = "<!-- pod_fit_table:start -->", "<!-- pod_fit_table:end -->"
 GPU_START, GPU_END = "<!-- pod_fit_gpu_table:start -->", "<!-- pod_fit_gpu_table:end -->"
@@ -33,8 +35,6 @@ PRESETS = {
        for s in ("s", "b", "l", "xl")},
 }
 STAGES = ("teacher", "sct", "scd")
-
-EXIT_USER_ERROR = 2
 
 
 def _compile_seconds(r: dict) -> str:
@@ -124,30 +124,39 @@ def replace_between_markers(text: str, tables: str, path: str, start: str = STAR
     return text[:from_ + len(start)] + "\n" + tables + text[to:]
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("json", None, "pod_fit.py's results", flag_values=fv)
+    flags.mark_flag_as_required("json", flag_values=fv)
+    flags.DEFINE_bool("write_readme", False, "replace the tables between the markers of "
+                      "--readme", flag_values=fv)
+    flags.DEFINE_string("readme", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "paper-scale.md"),
+        "the page holding the table markers", flag_values=fv)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", required=True, help="pod_fit.py's results")
-    parser.add_argument("--write_readme", action="store_true",
-                        help="replace the tables between the markers of --readme "
-                        "(default docs/paper-scale.md)")
-    parser.add_argument("--readme", default=os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "paper-scale.md"))
-    args = parser.parse_args(argv)
+    """The command; argv without the program name (sys.argv's by default). Returns the exit
+    status."""
+    return cli.run_command(__doc__, _define_flags, _write_tables, cli.program_argv(argv))
+
+
+def _write_tables(args, overrides) -> int:
+    cli.refuse_overrides(overrides)
     try:
         with open(args.json) as f:
             results = json.load(f)
     except (OSError, ValueError) as err:
-        print(f"error: cannot read --json={args.json}: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        raise MissingInputError(f"cannot read --json={args.json}: {err}") from err
     text = None
     if args.write_readme:
-        with open(args.readme) as f:
-            text = f.read()
         try:
+            with open(args.readme) as f:
+                text = f.read()
             replace_between_markers(text, "", args.readme)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_USER_ERROR
+        except (OSError, ValueError) as err:
+            raise MissingInputError(str(err)) from err
     tables = format_tables(results, PRESETS, STAGES)
     gpu_tables = format_tables(results, PRESETS, STAGES, GPU_PLATFORMS)
     print(tables + gpu_tables, end="")

@@ -17,9 +17,7 @@
    feature networks, and its time on a v5p-64 slice (32 chips, 459 TFLOP/s bf16 each) at an
    assumed 40% of peak: an estimate, not a measurement.
 """
-import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -30,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scm_jax import configs, objectives, sampling  # noqa: E402
+from scm_jax import cli, configs, objectives, sampling  # noqa: E402
 from scm_jax.data import data_shape  # noqa: E402
 from scm_jax.evaluation import dinov2, inception  # noqa: E402
 
@@ -102,16 +100,29 @@ def eval_cost_estimates() -> list:
     return out
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("config", "experiments/digits.py", "the experiment whose samplers are "
+                        "timed", flag_values=fv)
+    flags.DEFINE_integer("batch", 256, "images per sampler call", flag_values=fv)
+    flags.DEFINE_integer("feature_batch", 8, "images per feature-network call", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "timed repeats (the fastest counts)", flag_values=fv)
+    flags.DEFINE_string("json", "", "also write the results to this JSON file", flag_values=fv)
+    flags.DEFINE_bool("skip_presets", False, "skip the paper presets' evaluation cost estimates",
+                      flag_values=fv)
+    flags.DEFINE_bool("skip_features", False, "skip the feature networks' throughput",
+                      flag_values=fv)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="experiments/digits.py")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--feature_batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", default="")
-    p.add_argument("--skip_presets", action="store_true")
-    p.add_argument("--skip_features", action="store_true")
-    args = p.parse_args(argv)
+    """The command; argv without the program name (sys.argv's by default). Returns the exit
+    status."""
+    return cli.run_command(__doc__, _define_flags, _measure_all, cli.program_argv(argv))
+
+
+def _measure_all(args, overrides) -> int:
+    cli.refuse_overrides(overrides)
     result = dict(device=jax.devices()[0].device_kind, config=args.config, batch=args.batch)
     result["samplers"] = sampler_throughput(args.config, args.batch, args.repeats)
     by = {r["sampler"]: r for r in result["samplers"]}
@@ -137,7 +148,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

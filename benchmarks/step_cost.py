@@ -3,10 +3,11 @@
     python benchmarks/step_cost.py [--config=experiments/digits.py] [--batch=64] [--steps=20]
                                    [--json=PATH]
     python benchmarks/step_cost.py --config=experiments/imagenet64.py:variant=runlocal \
-        --synthetic --batch=8 --set=model.channels=32      # a paper backbone, reduced
+        --synthetic --batch=8 --config.model.channels=32      # a paper backbone, reduced
 
 `--synthetic` feeds random batches of the config's data shape (the paper datasets need prepared
-files); `--set=key=value` (repeatable) overrides config entries, e.g. to shrink a backbone.
+files); `--config.<key>=<value>` (repeatable) overrides config entries, e.g. to shrink a
+backbone.
 
 For each stage (teacher, sCT, sCD, dsCD) it compiles the jitted train step once, times `--steps`
 calls (median, after one warm-up call) and reads the compiled step's FLOPs from XLA's
@@ -17,7 +18,6 @@ output F^- and the gradient pass's forward compute the same values from the same
 FLOPs of the standalone pieces (forward, forward+backward, JVP) give what an sCT step would cost
 with and without that sharing; the compiled sCT step's FLOPs say which one XLA produced.
 """
-import argparse
 import json
 import os
 import sys
@@ -25,7 +25,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from scm_jax import configs, objectives
+from scm_jax import cli, configs, objectives
 from scm_jax.data import build_train_batches
 from scm_jax.objectives.scm import scm_tangent
 from scm_jax.step_cost import flops_of, measure
@@ -42,21 +42,28 @@ def synthetic_batch(config, batch_size: int) -> dict:
                 label=jax.random.randint(key_y, (batch_size,), 0, max(config.model.num_classes, 1)))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="experiments/digits.py")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--json", default="")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="random batches of the data shape instead of the dataset")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry (repeatable), e.g. model.channels=32")
-    args = parser.parse_args(argv)
+def _define_flags(fv) -> None:
+    from absl import flags
 
-    overrides = list(args.set) + [f"{name}.{key}={value}" for name in STAGES
-                                  for key, value in (("batch_size", args.batch),
-                                                     ("dropout", 0.0))]  # one network function
+    flags.DEFINE_string("config", "experiments/digits.py", "experiments/<name>.py[:arg]; "
+                        "entries overridden with --config.<key>=<value>", flag_values=fv)
+    flags.DEFINE_integer("batch", 64, "images per step", flag_values=fv)
+    flags.DEFINE_integer("steps", 20, "timed calls per stage (the median counts)", flag_values=fv)
+    flags.DEFINE_string("json", "", "also write the results to this JSON file", flag_values=fv)
+    flags.DEFINE_bool("synthetic", False, "random batches of the data shape instead of the "
+                      "dataset", flag_values=fv)
+
+
+def main(argv=None):
+    """The command; argv without the program name (sys.argv's by default). Returns the exit
+    status."""
+    return cli.run_command(__doc__, _define_flags, _measure_all, cli.program_argv(argv))
+
+
+def _measure_all(args, overrides) -> int:
+    overrides = list(overrides) + [f"{name}.{key}={value}" for name in STAGES
+                                   for key, value in (("batch_size", args.batch),
+                                                      ("dropout", 0.0))]  # one network function
     config = configs.load(args.config, overrides)
     if args.synthetic:
         batch = synthetic_batch(config, args.batch)
@@ -109,8 +116,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -100,6 +100,22 @@ def run_command(doc: str, define, body, argv=None) -> int:
         return EXIT_USER_ERROR
 
 
+def program_argv(argv):
+    """argv for `run_command` from a `main(argv)` that takes the arguments alone (as the
+    benchmarks' do, so tests can call them): None stays None (sys.argv), else the program name
+    is put first."""
+    return None if argv is None else [sys.argv[0], *argv]
+
+
+def refuse_overrides(overrides) -> None:
+    """A ConfigError for a command that reads no config but was given --config.<key>=..."""
+    if overrides:
+        from scm_jax.errors import ConfigError
+
+        raise ConfigError(f"--config.{overrides[0]}: this command takes no --config.<key> "
+                          "overrides")
+
+
 def skip_absent_tpu() -> None:
     """On a machine with neither a TPU nor a GPU, use the CPU without probing for a TPU or GPU.
 

@@ -10,7 +10,6 @@ description is the comment beside it where the schema is written (`key=value,  #
 documenting a key means commenting it there. `--check` exits 1 when the file differs from what
 would be generated (the tests run it), so the page is never stale.
 """
-import argparse
 import inspect
 import io
 import os
@@ -124,12 +123,27 @@ def generate() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("out", OUT, "the page to write (with --check: to compare)",
+                        flag_values=fv)
+    flags.DEFINE_bool("check", False, "exit 1 if --out differs from what would be generated",
+                      flag_values=fv)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=OUT)
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 if --out differs from what would be generated")
-    args = parser.parse_args(argv)
+    """The command; argv without the program name (sys.argv's by default). Returns the exit
+    status."""
+    from scm_jax import cli
+
+    return cli.run_command(__doc__, _define_flags, _write_or_check, cli.program_argv(argv))
+
+
+def _write_or_check(args, overrides) -> int:
+    from scm_jax import cli
+
+    cli.refuse_overrides(overrides)
     text = generate()
     if args.check:
         current = open(args.out).read() if os.path.exists(args.out) else ""

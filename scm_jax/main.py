@@ -16,22 +16,6 @@ at a step every process agreed on (re-run the same command to resume).
 """
 import sys
 
-from absl import app, flags, logging
-
-flags.DEFINE_string("config", None, "Experiment config: experiments/<name>.py[:arg]. Entries are "
-                    "overridden with --config.<key>=<value>.")
-flags.DEFINE_string("workdir", None, "Directory (or gs:// bucket path) for checkpoints, "
-                    "metrics, samples and results.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs).")
-flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of process 0 "
-                    "(auto-detected on TPU VMs and SLURM).")
-flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes.")
-flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
-
-_OVERRIDES = []   # the --config.<key>=<value> arguments, applied by configs.load
-
 
 def run(config, workdir, *, log=print) -> None:
     """Dispatches config.stage. Importable so tests and notebooks can call it directly."""
@@ -79,48 +63,58 @@ def dry_run(config, *, log=print) -> int:
     return count
 
 
-def parse_flags(argv):
-    """absl flags, with every --config.<key>[=<value>] set aside for configs.load (a key alone
-    means true). Unknown keys and bad values are reported by the loader, one line each."""
-    from scm_jax.configs import split_overrides
+def _define_flags(fv) -> None:
+    from absl import flags
 
-    overrides, rest = split_overrides(argv)
-    _OVERRIDES.extend(overrides)
-    try:
-        return FLAGS(rest)
-    except flags.Error as err:
-        sys.exit(f"error: {err}\nPass --helpshort or --helpfull to see help on flags.")
+    from scm_jax import cli
+
+    cli.define_config_flags(fv, config_help="experiments/<name>.py[:arg]; entries overridden "
+                            "with --config.<key>=<value>", distributed=False)
+    flags.DEFINE_string("workdir", None, "directory (or gs:// bucket path) for checkpoints, "
+                        "metrics, samples and results", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first "
+                      "(multi-process runs)", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "with --distributed: HOST:PORT of process "
+                        "0 (found by itself on TPU VMs and SLURM)", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "with --distributed: the number of processes",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "with --distributed: this process's index",
+                         flag_values=fv)
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+def _run(fv, overrides) -> int:
+    from absl import logging
+
     from scm_jax import configs
-    from scm_jax.cli import EXIT_USER_ERROR, one_line
-    from scm_jax.errors import UserError
     from scm_jax.preemption import StageInterrupted
 
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+    if fv.distributed:
+        import jax
+
+        kwargs = {k: fv[k].value for k in ("coordinator_address", "num_processes", "process_id")
+                  if fv[k].value is not None}
+        jax.distributed.initialize(**kwargs)
+        from scm_jax import processes
+
+        # Every process here before any compile (a barrier, not a collective).
+        processes.barrier("all processes started")
+    config = configs.load(fv.config, overrides)
     try:
-        if FLAGS.distributed:
-            import jax
-
-            kwargs = {k: getattr(FLAGS, k) for k in ("coordinator_address", "num_processes",
-                                                     "process_id")
-                      if getattr(FLAGS, k) is not None}
-            jax.distributed.initialize(**kwargs)
-            from scm_jax import processes
-
-            # Every process here before any compile (a barrier, not a collective).
-            processes.barrier("all processes started")
-        config = configs.load(FLAGS.config, _OVERRIDES)
-        run(config, FLAGS.workdir, log=lambda msg: print(msg, flush=True))
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        run(config, fv.workdir, log=lambda msg: print(msg, flush=True))
     except StageInterrupted as stop:
         print(f"stopped: {stop}", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_code)
+        return stop.exit_code
+    return 0
+
+
+def main(argv=None) -> int:
+    """The command; argv as sys.argv (program name first). Returns the exit status."""
+    from scm_jax import cli
+
+    return cli.run_command(__doc__, _define_flags, _run, argv)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    sys.exit(main())

@@ -168,13 +168,21 @@ def test_posthoc_scores_the_teacher_and_the_student_at_every_sigma_rel(tmp_path,
     assert not any("EMA 0.05:" in line for line in lines)
 
 
-def test_bad_arguments_fail_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="unknown argument '--wordir"):
-        runner.main(compute.STUDY, [f"--wordir={tmp_path}"])
-    with pytest.raises(SystemExit, match="--workdir=DIR is required"):
-        runner.main(compute.STUDY, [])
-    with pytest.raises(SystemExit, match="2"):
-        runner.main(compute.STUDY, [f"--workdir={tmp_path}", "--size=tiny",
-                                    f"--teacher_workdir={tmp_path / 'nowhere'}"])
+def test_bad_arguments_fail_clearly(tmp_path, capsys):
+    def error_of(argv):
+        assert runner.main(compute.STUDY, argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ")
+        return lines[0]
+
+    assert "wordir" in error_of([f"--wordir={tmp_path}"])
+    assert "--workdir" in error_of([])
+    assert "size" in error_of([f"--workdir={tmp_path}", "--size=huge"])
+    assert "nowhere" in error_of([f"--workdir={tmp_path}", "--size=tiny",
+                                  f"--teacher_workdir={tmp_path / 'nowhere'}"])
+    assert runner.main(compute.STUDY, ["--help"]) == 0
+    listed = capsys.readouterr().out
+    for flag in ("--workdir", "--size", "--teacher_workdir", "--only", "--seeds", "--config"):
+        assert f"\n  {flag}:" in listed
     with pytest.raises(Exception, match="unknown runs"):
         runner.run_study(compute.STUDY, workdir=str(tmp_path), size="tiny", only="scd_9")

@@ -68,41 +68,41 @@ def convert(network: str, src, out) -> dict:
     return arrays
 
 
-def main(argv=None) -> int:
-    """The command; argv as sys.argv (program name first). Returns the exit status."""
+def _define_flags(fv) -> None:
     from absl import flags
 
-    from scm_jax.cli import EXIT_USER_ERROR, one_line
-    from scm_jax.errors import UserError
-
-    # A fresh set of flags per call, so that tests may call main more than once.
-    fv = flags.FlagValues()
-    flags.DEFINE_enum("network", None, list(NETWORKS), "Which network the weights are for.",
+    flags.DEFINE_enum("network", None, list(NETWORKS), "which network the weights are for",
                       flag_values=fv)
-    flags.DEFINE_string("src", None, "The PyTorch state dict (.pth/.pt/.bin), .safetensors or "
-                        ".npz to convert (local path or bucket URI).", flag_values=fv)
-    flags.DEFINE_string("out", None, "The .npz to write (local path or bucket URI).",
+    flags.DEFINE_string("src", None, "the PyTorch state dict (.pth/.pt/.bin), .safetensors or "
+                        ".npz to convert (local path or bucket URI)", flag_values=fv)
+    flags.DEFINE_string("out", None, "the .npz to write (local path or bucket URI)",
                         flag_values=fv)
     flags.mark_flags_as_required(["network", "src", "out"], flag_values=fv)
-    try:
-        fv(sys.argv if argv is None else argv)
-    except flags.Error as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+
+
+def _convert(fv, overrides) -> int:
+    from scm_jax import cli
+    from scm_jax.errors import UserError
+
+    cli.refuse_overrides(overrides)
     network, src, out = fv.network, fv.src, fv.out
     try:
         arrays = convert(network, src, out)
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    except UserError:
+        raise
     except (ValueError, KeyError) as err:
-        message = f"missing entry {err}" if isinstance(err, KeyError) else one_line(err)
-        print(f"error: cannot convert {src!r} for --network={network}: {message}",
-              file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        message = f"missing entry {err}" if isinstance(err, KeyError) else cli.one_line(err)
+        raise UserError(f"cannot convert {src!r} for --network={network}: {message}") from err
     print(f"wrote {out}: {len(arrays)} arrays, {parameter_count(arrays):,} parameters "
           f"({network}, from {src})", flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    """The command; argv as sys.argv (program name first). Returns the exit status."""
+    from scm_jax import cli
+
+    return cli.run_command(__doc__, _define_flags, _convert, argv)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
     python -m scm_jax.studies.robustness --workdir=DIR               # the defaults, other seeds
     python -m scm_jax.studies.posthoc --workdir=DIR                  # FD against the EMA length
 
-Options shared by all (`runner.parse_args`): --config (default experiments/digits.py),
+Options shared by all (`runner.main`; `--help` lists them): --config (default experiments/digits.py),
 --size=tiny (seconds-long, what the tests run), --teacher_workdir=DIR (reuse the teacher of a
 digits run instead of training one), --only=RUN,RUN, --seeds=N (every run with N student seeds:
-mean and spread), --set=key=value (an override of every run).
+mean and spread), --config.<key>=<value> (an override of every run).
 """

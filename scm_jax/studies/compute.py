@@ -14,6 +14,8 @@ compute, and sCT is more compute-efficient than sCD at small resolutions.
 
     python -m scm_jax.studies.compute --workdir=/tmp/study_compute
 """
+import sys
+
 import numpy as np
 
 from scm_jax.studies import runner
@@ -98,4 +100,4 @@ STUDY = runner.Study("compute", __doc__.split("\n\n")[0], runs, plot,
                      finish=measure_step_costs)
 
 if __name__ == "__main__":
-    runner.main(STUDY)
+    sys.exit(runner.main(STUDY))

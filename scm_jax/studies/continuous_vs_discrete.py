@@ -7,6 +7,8 @@ with sCD (and the teacher) as horizontal lines.
 
     python -m scm_jax.studies.continuous_vs_discrete --workdir=/tmp/study_cvd
 """
+import sys
+
 import numpy as np
 
 from scm_jax.studies import runner
@@ -55,4 +57,4 @@ def plot(results, path):
 STUDY = runner.Study("continuous_vs_discrete", __doc__.split("\n\n")[0], runs, plot)
 
 if __name__ == "__main__":
-    runner.main(STUDY)
+    sys.exit(runner.main(STUDY))

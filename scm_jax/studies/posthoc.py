@@ -13,7 +13,7 @@ the rebuilt EMA of a tracked sigma_rel at the last snapshot is that snapshot exa
 """
 import copy
 import os
-
+import sys
 
 from scm_jax.studies import runner
 
@@ -103,4 +103,4 @@ def best(results, stage: str, nfe: int):
 STUDY = runner.Study("posthoc", __doc__.split("\n\n")[0], runs, plot, finish=measure)
 
 if __name__ == "__main__":
-    runner.main(STUDY)
+    sys.exit(runner.main(STUDY))

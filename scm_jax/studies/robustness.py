@@ -10,6 +10,8 @@ scored at its longest solver length, as in the results table (docs/results.md).
 
     python -m scm_jax.studies.robustness --workdir=/tmp/study_robustness --teacher_workdir=DIR
 """
+import sys
+
 import numpy as np
 
 from scm_jax.studies import runner
@@ -72,4 +74,4 @@ STUDY = runner.Study("robustness", __doc__.split("\n\n")[0], runs, plot,
                      teachers={"base": (), **{f"seed{s}": (f"seed={s}",) for s in TEACHER_SEEDS}})
 
 if __name__ == "__main__":
-    runner.main(STUDY)
+    sys.exit(runner.main(STUDY))

@@ -24,7 +24,6 @@ trained once with those overrides.
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Callable
 
@@ -65,44 +64,40 @@ class Study:
     finish: Callable | None = None   # finish(results, config, log): extra measurements, once
 
 
-def parse_args(argv, study: Study) -> dict:
-    """--workdir=DIR [--config=experiments/digits.py] [--size=full|tiny]
-    [--teacher_workdir=DIR] [--only=id,id] [--set=key=value ...] (overrides of every run)."""
-    args = dict(workdir=None, config="experiments/digits.py", size="full", teacher_workdir=None,
-                only="", overrides=[], seeds="1")
-    for arg in argv:
-        key, sep, value = arg.lstrip("-").partition("=")
-        if key not in set(args) - {"overrides"} | {"set"} or not sep or not arg.startswith("--"):
-            raise SystemExit(f"error: unknown argument {arg!r}; usage: python -m "
-                             f"scm_jax.studies.{study.name} --workdir=DIR "
-                             f"[--config=experiments/digits.py] [--size=full|tiny] "
-                             f"[--teacher_workdir=DIR] [--only=RUN,RUN] [--seeds=N] "
-                             f"[--set=key=value]")
-        if key == "set":
-            args["overrides"].append(value)
-        else:
-            args[key] = value
-    if not args["workdir"]:
-        raise SystemExit("error: --workdir=DIR is required")
-    if args["size"] not in ("full", "tiny"):
-        raise SystemExit(f"error: --size={args['size']!r}; expected 'full' or 'tiny'")
-    if not args["seeds"].isdigit() or int(args["seeds"]) < 1:
-        raise SystemExit(f"error: --seeds={args['seeds']!r}; expected a count >= 1")
-    args["seeds"] = int(args["seeds"])
-    return args
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "the study's directory (its runs, JSON and PNG)",
+                        flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    flags.DEFINE_string("config", "experiments/digits.py", "the digits experiment the runs "
+                        "start from; entries of every run overridden with "
+                        "--config.<key>=<value>", flag_values=fv)
+    flags.DEFINE_enum("size", "full", ("full", "tiny"), "'tiny': the seconds-long variant (what "
+                      "the tests run)", flag_values=fv)
+    flags.DEFINE_string("teacher_workdir", None, "reuse the teacher of a digits run instead of "
+                        "training one", flag_values=fv)
+    flags.DEFINE_string("only", "", "comma-separated run ids (default: all)", flag_values=fv)
+    flags.DEFINE_integer("seeds", 1, "student seeds per run (the tables show mean and spread)",
+                         lower_bound=1, flag_values=fv)
 
 
-def main(study: Study, argv=None) -> dict:
-    """The command: parses argv (default sys.argv[1:]), runs the study, exits 2 on a known
-    error with a one-line message."""
-    from scm_jax.errors import UserError
+def main(study: Study, argv=None) -> int:
+    """The command `python -m scm_jax.studies.<name>`: argv without the program name
+    (sys.argv's by default). Runs (or resumes) the study; returns the exit status (2 with a
+    one-line error for a bad flag or a known failure)."""
+    from scm_jax import cli
 
-    args = parse_args(sys.argv[1:] if argv is None else argv, study)
-    try:
-        return run_study(study, **args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    doc = (f"python -m scm_jax.studies.{study.name} --workdir=DIR [flags]: "
+           f"{study.description}")
+
+    def body(fv, overrides) -> int:
+        run_study(study, workdir=fv.workdir, config=fv.config, size=fv.size,
+                  teacher_workdir=fv.teacher_workdir, only=fv.only, overrides=overrides,
+                  seeds=fv.seeds)
+        return 0
+
+    return cli.run_command(doc, _define_flags, body, cli.program_argv(argv))
 
 
 def load_config(spec: str, size: str, overrides=()):

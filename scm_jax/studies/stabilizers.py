@@ -14,6 +14,8 @@ the teacher of their architecture.
 
     python -m scm_jax.studies.stabilizers --workdir=/tmp/study_stabilizers
 """
+import sys
+
 import numpy as np
 
 from scm_jax.studies import runner
@@ -94,4 +96,4 @@ def plot(results, path):
 STUDY = runner.Study("stabilizers", __doc__.split("\n\n")[0], runs, plot, teachers=TEACHERS)
 
 if __name__ == "__main__":
-    runner.main(STUDY)
+    sys.exit(runner.main(STUDY))

@@ -10,6 +10,8 @@ without further guidance; the teacher is sampled with classifier-free guidance a
 
     python -m scm_jax.studies.vsd_vs_scd --workdir=/tmp/study_vsd
 """
+import sys
+
 from scm_jax.studies import runner
 
 SCALES = (1.0, 1.5, 2.0)
@@ -63,4 +65,4 @@ STUDY = runner.Study("vsd_vs_scd", __doc__.split("\n\n")[0], runs, plot,
                      teacher_eval_overrides=teacher_eval)
 
 if __name__ == "__main__":
-    runner.main(STUDY)
+    sys.exit(runner.main(STUDY))
