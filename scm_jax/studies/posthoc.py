@@ -86,8 +86,12 @@ def plot(results, path):
         ax.axvline(0.05, color="gray", ls="--", lw=0.8, label="0.05 (paper, CM sampling)")
         ax.axvline(0.1, color="gray", ls=":", lw=0.8, label="0.1 (digits default)")
         ax.set_xscale("log")
+        measured = sorted({float(s) for s in results.get("posthoc", {}).get(stage, {})})
+        if measured:
+            ax.set_xticks(measured)   # each measured length labelled, none in between
         ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.set(xlabel="post-hoc EMA sigma_rel", ylabel="FD (digits classifier)",
                title=f"{stage}: FD against the EMA length")
         ax.legend(fontsize=7)
