@@ -5,7 +5,6 @@ ImageNet 512 latents. Models are checkpoints of freshly initialized networks wri
 (training is tested elsewhere); what is tested is sampling, decoding, features, statistics,
 scoring, resumption and the files written.
 """
-import json
 
 import jax
 import numpy as np
