@@ -29,8 +29,8 @@ EXTRAS = {
     # compile the Triton kernel and train steps deviceless for H100s (sm_90), at the jax version
     # the libtpu pin belongs to.
     # nbclient/nbformat/ipykernel: the tests execute notebooks/quickstart.ipynb.
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "libtpu==0.0.42.1", "jax[cuda12]==0.10.2",
-             "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "libtpu==0.0.42.1",
+             "jax[cuda12]==0.10.2", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     # gcsfs: gs:// workdirs and data through etils.epath; google-cloud-storage: TensorBoard on gs://.
     "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
     "gpu": ["jax[cuda12]", "jax-triton>=0.3"],

@@ -109,11 +109,11 @@ def _define_flags(fv) -> None:
 def main(argv=None):
     """The command; argv without the program name (sys.argv's by default). Returns the exit
     status."""
-    return cli.run_command(__doc__, _define_flags, _measure_all, cli.program_argv(argv))
+    return cli.run_command(__doc__, _define_flags, _measure_all, cli.program_argv(argv),
+                           takes_overrides=False)
 
 
 def _measure_all(args, overrides) -> int:
-    cli.refuse_overrides(overrides)
     platform = jax.default_backend()
     backend = fj.default_backend()
     dtype = jnp.dtype(args.dtype or ("float32" if platform == "cpu" else "bfloat16"))

@@ -86,11 +86,11 @@ def _define_flags(fv) -> None:
 def main(argv=None) -> int:
     """The command; argv without the program name (sys.argv's by default). Returns the exit
     status."""
-    return cli.run_command(__doc__, _define_flags, _run, cli.program_argv(argv))
+    return cli.run_command(__doc__, _define_flags, _run, cli.program_argv(argv),
+                           takes_overrides=False)
 
 
 def _run(args, overrides) -> int:
-    cli.refuse_overrides(overrides)
     spec = os.path.join(REPO, "experiments", f"digits.py:variant={args.variant},teacher=edm2")
     config = configs.load(spec, [])
     config.pipeline = ("teacher", "scd", "eval")

@@ -141,14 +141,13 @@ def main(argv=None) -> int:
     status."""
     from scm_jax import cli
 
-    return cli.run_command(__doc__, _define_flags, _check, cli.program_argv(argv))
+    return cli.run_command(__doc__, _define_flags, _check, cli.program_argv(argv),
+                           takes_overrides=False)
 
 
 def _check(args, overrides) -> int:
-    from scm_jax import cli
     from scm_jax.errors import ConfigError, UserError
 
-    cli.refuse_overrides(overrides)
     networks = [n for n in args.networks.split(",") if n]
     unknown = sorted(set(networks) - {"dit-s", "edm2-s"})
     if unknown:

@@ -200,11 +200,11 @@ def _define_flags(fv) -> None:
 def main(argv=None):
     """The command; argv without the program name (sys.argv's by default). Returns the exit
     status."""
-    return cli.run_command(__doc__, _define_flags, _fit_all, cli.program_argv(argv))
+    return cli.run_command(__doc__, _define_flags, _fit_all, cli.program_argv(argv),
+                           takes_overrides=False)
 
 
 def _fit_all(args, overrides) -> int:
-    cli.refuse_overrides(overrides)
     unknown = [p for p in args.platforms.split(",") if p not in SIZES]
     if unknown:
         raise ConfigError(f"--platforms={args.platforms}: {unknown[0]!r} is not one of "

@@ -71,9 +71,10 @@ def load_config(fv, overrides, *, validate: bool = True):
     return config
 
 
-def run_command(doc: str, define, body, argv=None) -> int:
+def run_command(doc: str, define, body, argv=None, *, takes_overrides: bool = True) -> int:
     """Runs a command: `define(fv)` declares its flags on a fresh FlagValues; argv (sys.argv by
-    default, program name first) is parsed with every --config.<key>[=<value>] set aside;
+    default, program name first) is parsed with every --config.<key>[=<value>] set aside (a
+    command that reads no config passes `takes_overrides=False`: one is then an error);
     `--help` (or -h, --helpshort, --helpfull) prints `doc` and the flags, one line each, and
     returns 0; a bad flag or a `UserError` from `body(fv, overrides)` prints one line and
     returns 2; otherwise `body`'s return value (None means 0)."""
@@ -94,6 +95,11 @@ def run_command(doc: str, define, body, argv=None) -> int:
         print_error(f"{one_line(err)} (--help lists the flags)")
         return EXIT_USER_ERROR
     try:
+        if overrides and not takes_overrides:
+            from scm_jax.errors import ConfigError
+
+            raise ConfigError(f"--config.{overrides[0]}: this command takes no --config.<key> "
+                              "overrides")
         return body(fv, overrides) or 0
     except UserError as err:
         print_error(err)
@@ -105,15 +111,6 @@ def program_argv(argv):
     benchmarks' do, so tests can call them): None stays None (sys.argv), else the program name
     is put first."""
     return None if argv is None else [sys.argv[0], *argv]
-
-
-def refuse_overrides(overrides) -> None:
-    """A ConfigError for a command that reads no config but was given --config.<key>=..."""
-    if overrides:
-        from scm_jax.errors import ConfigError
-
-        raise ConfigError(f"--config.{overrides[0]}: this command takes no --config.<key> "
-                          "overrides")
 
 
 def skip_absent_tpu() -> None:

@@ -137,13 +137,11 @@ def main(argv=None) -> int:
     status."""
     from scm_jax import cli
 
-    return cli.run_command(__doc__, _define_flags, _write_or_check, cli.program_argv(argv))
+    return cli.run_command(__doc__, _define_flags, _write_or_check, cli.program_argv(argv),
+                           takes_overrides=False)
 
 
 def _write_or_check(args, overrides) -> int:
-    from scm_jax import cli
-
-    cli.refuse_overrides(overrides)
     text = generate()
     if args.check:
         current = open(args.out).read() if os.path.exists(args.out) else ""

@@ -68,13 +68,10 @@ def _define_flags(fv) -> None:
 
     from scm_jax import cli
 
-    cli.define_config_flags(fv, config_help="experiments/<name>.py[:arg]; entries overridden "
-                            "with --config.<key>=<value>", distributed=False)
+    cli.define_config_flags(fv)
     flags.DEFINE_string("workdir", None, "directory (or gs:// bucket path) for checkpoints, "
                         "metrics, samples and results", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first "
-                      "(multi-process runs)", flag_values=fv)
     flags.DEFINE_string("coordinator_address", None, "with --distributed: HOST:PORT of process "
                         "0 (found by itself on TPU VMs and SLURM)", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "with --distributed: the number of processes",

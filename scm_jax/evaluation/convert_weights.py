@@ -84,11 +84,10 @@ def _convert(fv, overrides) -> int:
     from scm_jax import cli
     from scm_jax.errors import UserError
 
-    cli.refuse_overrides(overrides)
     network, src, out = fv.network, fv.src, fv.out
     try:
         arrays = convert(network, src, out)
-    except UserError:
+    except UserError:   # ConfigError is a ValueError too: its message stands as it is
         raise
     except (ValueError, KeyError) as err:
         message = f"missing entry {err}" if isinstance(err, KeyError) else cli.one_line(err)
@@ -102,7 +101,8 @@ def main(argv=None) -> int:
     """The command; argv as sys.argv (program name first). Returns the exit status."""
     from scm_jax import cli
 
-    return cli.run_command(__doc__, _define_flags, _convert, argv)
+    return cli.run_command(__doc__, _define_flags, _convert, argv,
+                           takes_overrides=False)
 
 
 if __name__ == "__main__":
