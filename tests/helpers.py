@@ -66,11 +66,11 @@ def load_experiment(name: str, arg: str | None = None, overrides=()):
 
 
 def tiny_latents(out_dir, n=48, image=64, seed=0):
-    """An encoded-latent directory as `python -m scm_jax.data.encode_latents` writes it, from a
+    """An encoded-latent directory as `python -m scm_jax.encode_latents` writes it, from a
     stand-in encoder (random posterior means/stds of the right shape), for runlocal training."""
     import numpy as np
 
-    from scm_jax.data import encode_latents
+    from scm_jax.data import latent_encoder
 
     rng = np.random.default_rng(seed)
     side = image // 8
@@ -85,7 +85,7 @@ def tiny_latents(out_dir, n=48, image=64, seed=0):
         mean = rng.normal(0, 5, (b, side, side, 4)).astype(np.float32)
         return mean, np.full_like(mean, 0.1)
 
-    index = encode_latents.encode_batches(batches(), encode_fn, str(out_dir), shard_batches=2,
+    index = latent_encoder.encode_batches(batches(), encode_fn, str(out_dir), shard_batches=2,
                                           log=lambda m: None)
     assert index is not None and index["num_examples"] == n
 

@@ -14,10 +14,10 @@ COMMANDS = {
                      "--num_processes", "--process_id"),
     "scm_jax.sample": ("--config", "--workdir", "--stage", "--steps", "--out", "--distributed"),
     "scm_jax.compile": ("--config", "--topology", "--with_teacher", "--json", "--num_slices"),
-    "scm_jax.evaluation.ref_stats": ("--config", "--out", "--data_dir", "--batch_size"),
-    "scm_jax.data.encode_latents": ("--vae", "--out", "--storage_dtype", "--num_workers"),
+    "scm_jax.ref_stats": ("--config", "--out", "--data_dir", "--batch_size"),
+    "scm_jax.encode_latents": ("--vae", "--out", "--storage_dtype", "--num_workers"),
     "scm_jax.config_reference": ("--out", "--check"),
-    "scm_jax.evaluation.convert_weights": ("--network", "--src", "--out"),
+    "scm_jax.convert_weights": ("--network", "--src", "--out"),
     "scm_jax.studies.posthoc": ("--workdir", "--size", "--seeds", "--only", "--config"),
 }
 # benchmark script -> flags its --help must list (the same wrapper; run by path)

@@ -198,7 +198,7 @@ def test_imagenet512_runlocal_trains_guided_scd(tmp_path):
 def test_missing_latents_name_the_encoding_command(tmp_path):
     config = load_experiment("imagenet512", "variant=runlocal,stage=teacher")
     config.data.path = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="scm_jax.data.encode_latents"):
+    with pytest.raises(FileNotFoundError, match="scm_jax.encode_latents"):
         train.train_stage(config, "teacher", str(tmp_path / "run"), log=lambda m: None)
     assert not (tmp_path / "run" / "teacher" / "checkpoints").exists()
 

@@ -17,7 +17,8 @@ from scm_jax import stage_identity
 from scm_jax import evaluate, objectives
 from scm_jax import sample as sample_cmd
 from scm_jax.data import data_shape
-from scm_jax.evaluation import dinov2, features, inception, ref_stats
+from scm_jax import sharding
+from scm_jax.evaluation import dataset_reference, dinov2, features, inception
 from scm_jax.evaluation import reference as ref_lib
 from scm_jax.evaluation.statistics import FeatureMoments
 from tests.helpers import load_experiment
@@ -58,16 +59,18 @@ def test_cifar10_reference_statistics_and_evaluation(weights, tmp_path):
     out = tmp_path / "ref.npz"
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=20):
         # Interrupted after 2 of 3 batches, then resumed: the same as one pass.
-        assert ref_stats.compute(config, out, batch_size=8, save_every=1, max_batches=2,
-                                 log=lambda m: None) is None
+        mesh = sharding.make_mesh(config.mesh)
+        assert dataset_reference.compute(config.eval, config.data, mesh, out, batch_size=8,
+                                         save_every=1, max_batches=2, log=lambda m: None) is None
         assert (tmp_path / "ref.npz.partial.npz").exists()
-        ref = ref_stats.compute(config, out, batch_size=8, log=lambda m: None)
+        ref = dataset_reference.compute(config.eval, config.data, mesh, out, batch_size=8,
+                                        log=lambda m: None)
         assert not (tmp_path / "ref.npz.partial.npz").exists()
         # The same statistics straight from the images.
         from scm_jax.data.images import build_image_batches
 
         images = np.concatenate([b["image"] for b in build_image_batches(
-            ref_stats.image_config(config), batch_size=4, seed=0, shuffle=False,
+            dataset_reference.image_config(config.data), batch_size=4, seed=0, shuffle=False,
             num_epochs=1, drop_remainder=False)])
     assert images.shape == (20, 16, 16, 3) and ref.num_images == 20
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(4, 1), ("data", "fsdp"))

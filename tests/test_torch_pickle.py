@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from scm_jax.errors import MissingInputError
-from scm_jax.evaluation import convert_weights, torch_pickle, weights
+from scm_jax import convert_weights
+from scm_jax.evaluation import torch_pickle, weight_conversion, weights
 
 # ----------------------------------------------------------------------------- a writer
 
@@ -332,7 +333,7 @@ def test_command_converts_a_legacy_inception_file(tmp_path, capsys):
     assert sorted(written) == sorted(expected)
     for key, value in expected.items():
         np.testing.assert_array_equal(written[key], value, err_msg=key)
-    params = convert_weights.parameter_count(expected)
+    params = weight_conversion.parameter_count(expected)
     assert capsys.readouterr().out.strip().startswith(
         f"wrote {out}: {len(expected)} arrays, {params:,} parameters")
     assert params == sum(v.size for k, v in state.items()

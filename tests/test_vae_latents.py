@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from scm_jax.data import encode_latents as enc
+from scm_jax.data import latent_encoder as enc
 from scm_jax.data import latents as lat
 from scm_jax.networks import vae as V
 
@@ -260,7 +260,7 @@ def encoded(tmp_path_factory, params):
     kw = dict(shard_batches=SHARD_BATCHES, process_count=2, settings=dict(batch_size=16),
               metadata=dict(vae=dict(file="vae.safetensors")), log=lambda m: None)
     assert enc.encode_batches(_host_batches(0), counting, out, process_index=0, **kw) is None
-    with pytest.raises(FileNotFoundError, match="scm_jax.data.encode_latents"):
+    with pytest.raises(FileNotFoundError, match="scm_jax.encode_latents"):
         lat.read_index(out)   # one host done: not readable yet
     index = enc.encode_batches(_host_batches(1), counting, out, process_index=1, **kw)
     assert calls == [8, 8, 2] * 2
@@ -400,7 +400,7 @@ def test_latent_dataset_resume_and_posterior_samples(encoded):
 def test_latent_dataset_errors(tmp_path, encoded):
     out = encoded[0]
     cfg = lat.latent_data_config(path=str(tmp_path / "absent"), resolution=RES)
-    with pytest.raises(FileNotFoundError, match=r"(?s)absent.*python -m scm_jax\.data\.encode_"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)absent.*python -m scm_jax\.encode_"):
         lat.build_latent_batches(cfg, batch_size=4, seed=0)
     cfg = lat.latent_data_config(path=out, resolution=RES, num_threads=1)
     with pytest.raises(ValueError, match="not in"):

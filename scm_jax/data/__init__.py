@@ -10,7 +10,7 @@ uninterrupted one would have seen. `data_shape(config.data)` is the (H, W, C) th
 
 - 'digits': the embedded dataset (scikit-learn's 8x8 digits), no files needed.
 - 'cifar10', 'imagenet64': pixel images through `tfds.data_source` + grain (`images.py`).
-- 'imagenet512_latents': SD-VAE latents pre-encoded by `python -m scm_jax.data.encode_latents`
+- 'imagenet512_latents': SD-VAE latents pre-encoded by `python -m scm_jax.encode_latents`
   (`latents.py`).
 """
 from scm_jax.data.digits import DigitsBatches, load_digits_splits

@@ -7,7 +7,7 @@ Latent normalization (sCM App. G): images in [-1, 1] are encoded by
 and generated x are mapped back with the inverse before decoding. (EDM2's constants differ: it
 encodes [0, 1] images.)
 
-On disk (written by `python -m scm_jax.data.encode_latents`; see that module):
+On disk (written by `python -m scm_jax.encode_latents`; see that module):
     <path>/index.json                       shapes, counts, shard list, VAE file, constants
     <path>/<shard>/{mean,std,label}.npy     raw posterior mean and std [n, 64, 64, 4], labels [n]
 Arrays are read with memory mapping, so the dataset never has to fit in host memory.
@@ -35,7 +35,7 @@ LATENT_SHAPE = (64, 64, 4)   # of a 512x512 image
 INDEX_FILE = "index.json"
 FORMAT = "scm_jax.latents.v1"
 ARRAYS = ("mean", "std", "label")
-ENCODE_COMMAND = ("python -m scm_jax.data.encode_latents --vae=<path to sd-vae-ft-mse "
+ENCODE_COMMAND = ("python -m scm_jax.encode_latents --vae=<path to sd-vae-ft-mse "
                   "diffusion_pytorch_model.safetensors> --data_dir=<TFDS data dir> --out={path}")
 
 
@@ -62,7 +62,7 @@ def latent_data_config(**overrides) -> ml_collections.ConfigDict:
     """The `config.data` section of the latent ImageNet 512 experiments."""
     cfg = ml_collections.ConfigDict(dict(
         name="imagenet512_latents",
-        path="",                 # the directory written by scm_jax.data.encode_latents
+        path="",                 # the directory written by scm_jax.encode_latents
         resolution=512,          # of the encoded images; latents are resolution / 8 on a side
         num_classes=1000,
         sigma_d=0.5,
@@ -186,7 +186,7 @@ def build_latent_batches(data_config, *, batch_size: int, seed: int, process_ind
         raise ConfigError(f"data.name {data_config.name!r} is not 'imagenet512_latents'")
     if not data_config.path:
         raise ConfigError("data.path is empty; expected the directory written by "
-                          "`python -m scm_jax.data.encode_latents`")
+                          "`python -m scm_jax.encode_latents`")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed = {seed!r}; expected an int >= 0")
     if process_count < 1 or not 0 <= process_index < process_count:

@@ -2,11 +2,12 @@
 
 - The paper's: FID (Inception-v3, `inception.py`) and FD-DINOv2 (DINOv2 ViT-L/14,
   `dinov2.py`) with weights from the user's files (`weights.py`, `torch_pickle.py`,
-  `convert_weights.py`), streamed feature statistics (`statistics.py`), reference statistics
-  (`reference.py`, `ref_stats.py`), and the streaming scorer (`scorer.py`).
+  `weight_conversion.py`), streamed feature statistics (`statistics.py`), reference statistics
+  (`reference.py`, `dataset_reference.py`), and the streaming scorer (`scorer.py`).
 - The digits experiment's: Frechet distance, precision / recall and class-conditional accuracy
   in the features of a small digits CNN (`digits_classifier.py`, `evaluator.py`).
-- `evaluators.from_config` picks one for a config; `settings.py` owns the `eval` section.
+- `evaluators.from_config` picks one for a config's eval and data sections; `settings.py`
+  owns the `eval` section.
 """
 from scm_jax.evaluation.digits_classifier import (
     ClassifierParams,

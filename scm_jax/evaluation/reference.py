@@ -5,7 +5,7 @@ A `Reference` holds, per feature network ('inception' for FID, 'dinov2' for FD-D
 mean [F] and covariance [F, F] of the real images' features, and optionally a subset of the real
 features themselves [N, F] (the real side of precision / recall). Three file formats are read:
 
-- ours (`python -m scm_jax.evaluation.ref_stats` writes it): an `.npz` with a `__format__`
+- ours (`python -m scm_jax.ref_stats` writes it): an `.npz` with a `__format__`
   marker, `<network>/mu`, `<network>/sigma`, optional `<network>/features`, `num_images`,
   `dataset`;
 - EDM's published FID references (`cifar10-32x32.npz`, `imagenet-64x64.npz`): an `.npz` with
@@ -43,7 +43,7 @@ class Reference:
             raise MissingInputError(
                 f"reference statistics {self.source or '(in memory)'} hold no {network!r} "
                 f"statistics (they have {sorted(self.stats) or 'none'}); compute them with "
-                f"python -m scm_jax.evaluation.ref_stats")
+                f"python -m scm_jax.ref_stats")
         return self.stats[network]
 
 
@@ -85,7 +85,7 @@ def load(path) -> Reference:
     if not path or not files.exists(path):
         raise MissingInputError(
             f"reference statistics not found at {path!r}; compute them with `python -m "
-            f"scm_jax.evaluation.ref_stats --config=... --out=PATH`, or give EDM's published "
+            f"scm_jax.ref_stats --config=... --out=PATH`, or give EDM's published "
             f"cifar10-32x32.npz / imagenet-64x64.npz or EDM2's img512.pkl (config.eval.reference)")
     raw = files.path(path).read_bytes()
     source = str(path)

@@ -1,10 +1,7 @@
-r"""Encode ImageNet 512x512 into SD-VAE latents for latent-space training (sCM App. G).
+"""Encoding ImageNet 512x512 into SD-VAE latents for latent-space training (sCM App. G); the
+command is `python -m scm_jax.encode_latents` (`scm_jax/encode_latents.py`).
 
-    python -m scm_jax.data.encode_latents \
-        --vae=/path/to/sd-vae-ft-mse/diffusion_pytorch_model.safetensors \
-        --data_dir=/path/to/tensorflow_datasets --out=/path/to/imagenet512_latents
-
-Run the same command on every worker of a pod (with --distributed): process p encodes its own
+Every worker of a pod runs the same command (with --distributed): process p encodes its own
 share of the data into shards named p<p>-s<k>. Re-running resumes: shards already on disk are
 skipped (each shard is written to a temporary directory and renamed into place, so a shard on
 disk is complete). When the last process finishes it writes index.json, which makes the directory
@@ -308,57 +305,3 @@ def encode_imagenet(*, vae_path: str, out: str, data_dir: str = "", split: str =
                           storage_dtype=storage_dtype, settings=settings, metadata=metadata,
                           num_examples=num_batches and num_batches * batch_size // nproc,
                           log=log)
-
-
-def _define_flags(fv) -> None:
-    from absl import flags
-
-    flags.DEFINE_string("vae", None, "sd-vae-ft-mse diffusion_pytorch_model.safetensors (or its "
-                        "directory), downloaded by you from stabilityai/sd-vae-ft-mse.",
-                        flag_values=fv)
-    flags.DEFINE_string("data_dir", "", "TFDS data directory holding imagenet2012 (array_record).",
-                        flag_values=fv)
-    flags.DEFINE_string("out", None, "Output directory (shared by all processes).", flag_values=fv)
-    flags.DEFINE_string("split", "train", "TFDS split to encode.", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 64, "Global batch size (over all processes).",
-                         flag_values=fv)
-    flags.DEFINE_integer("shard_batches", 32, "Batches per shard (the unit of resumption).",
-                         flag_values=fv)
-    flags.DEFINE_enum("storage_dtype", "float32", list(STORAGE_DTYPES),
-                      "dtype of the stored mean and std. float16 halves the disk (ImageNet train: "
-                      "~84 GB instead of ~168 GB) at ~1e-3 relative precision.", flag_values=fv)
-    flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype.",
-                      flag_values=fv)
-    flags.DEFINE_integer("num_workers", 0, "grain worker processes decoding images (0: threads "
-                         "in this process).", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).",
-                      flag_values=fv)
-    flags.mark_flags_as_required(["vae", "out"], flag_values=fv)
-
-
-def _run(fv, overrides) -> None:
-    import jax
-
-    from scm_jax.errors import ConfigError
-
-    if overrides:
-        raise ConfigError(f"{overrides[0]!r}: this command takes no --config.<key> overrides")
-    if fv.distributed:
-        jax.distributed.initialize()
-    encode_imagenet(vae_path=fv.vae, out=fv.out, data_dir=fv.data_dir, split=fv.split,
-                    batch_size=fv.batch_size, shard_batches=fv.shard_batches,
-                    storage_dtype=fv.storage_dtype, compute_dtype=fv.compute_dtype,
-                    num_workers=fv.num_workers, log=lambda msg: print(msg, flush=True))
-
-
-def main(argv=None) -> int:
-    """The command; argv as sys.argv (program name first). Returns the exit status."""
-    from scm_jax import cli
-
-    return cli.run_command(__doc__, _define_flags, _run, argv)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

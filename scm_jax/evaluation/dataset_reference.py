@@ -1,29 +1,22 @@
-r"""Reference statistics of a dataset's real images: what FID and FD-DINOv2 compare against.
-
-    python -m scm_jax.evaluation.ref_stats --config=experiments/imagenet512.py:variant=xxl \
-        --out=/data/in512_ref.npz [--data_dir=$TFDS_DIR] [--split=train] [--batch_size=500] \
-        [--config.eval.inception_weights=...] [--config.eval.dinov2_weights=...] [--distributed]
+"""Reference statistics of a dataset's real images: what FID and FD-DINOv2 compare against
+(the command is `python -m scm_jax.ref_stats`, `scm_jax/ref_stats.py`).
 
 One ordered pass over the split (every image once, no flips), split over every device and
 every process (each process reads its own rows through grain, `data.images`), the features of
-every network of `config.eval.features` accumulated in float64 (`statistics.FeatureMoments`),
-the first `config.eval.pr_samples` Inception feature vectors kept for precision / recall. The
-ImageNet 512 latent experiments are measured on the real 512x512 images (ADM's crop), not on
-decoded latents. Every `--save_every` batches the accumulators and the data position are saved
-to `<out>.partial.npz`; re-running the same command resumes there. The result is written with
-`reference.save` (then `config.eval.reference=<out>` uses it).
-
-Exit status: 0, or 2 with one line `error: ...` for a known failure (missing weights or data,
-a bad flag).
+every network of `eval.features` accumulated in float64 (`statistics.FeatureMoments`), the
+first `eval.pr_samples` Inception feature vectors kept for precision / recall. The ImageNet 512
+latent experiments are measured on the real 512x512 images (ADM's crop), not on decoded
+latents. Every `save_every` batches the accumulators and the data position are saved to
+`<out>.partial.npz`; calling again with the same arguments resumes there. The result is written
+with `reference.save` (then `config.eval.reference=<out>` uses it).
 """
 import json
-import sys
 import time
 
 import jax
 import numpy as np
 
-from scm_jax import cli, files, sharding
+from scm_jax import files, sharding
 from scm_jax.errors import ConfigError
 from scm_jax.evaluation import features as features_lib
 from scm_jax.evaluation import reference as reference_lib
@@ -31,11 +24,11 @@ from scm_jax.evaluation.scorer import PR_NETWORK
 from scm_jax.evaluation.statistics import FeatureMoments
 
 
-def image_config(config, data_dir: str = "", split: str = "train"):
-    """The pixel dataset whose images the models of `config` are compared with."""
+def image_config(data, data_dir: str = "", split: str = "train"):
+    """The pixel dataset whose images the models trained on `data` (a config's `data` section)
+    are compared with."""
     from scm_jax.data.images import image_data_config
 
-    data = config.data
     if data.name == "digits":
         raise ConfigError("the digits experiment is scored with its own classifier "
                           "(config.eval.features = ()); it has no reference statistics")
@@ -56,15 +49,16 @@ def _valid_rows(n: int, batch_size: int, process_count: int) -> np.ndarray:
                            for p in range(process_count)])
 
 
-def compute(config, out, *, data_dir: str = "", split: str = "train", batch_size: int = 500,
-            save_every: int = 20, max_batches: int | None = None, log=print):
-    """Computes (and writes to `out`) the reference of `config`'s data; returns it, or None
-    when stopped early by `max_batches` (its state saved for the next call to resume)."""
+def compute(ev, data, mesh, out, *, data_dir: str = "", split: str = "train",
+            batch_size: int = 500, save_every: int = 20, max_batches: int | None = None,
+            log=print):
+    """Computes (and writes to `out`) the reference statistics of the real images of `data`
+    (a config's `data` section) with the feature networks of `ev` (its `eval` section) on
+    `mesh`; returns the `reference.Reference`, or None when stopped early by `max_batches` (its
+    state saved for the next call to resume)."""
     from scm_jax.data.images import build_image_batches
 
-    ev = config.eval
-    data = image_config(config, data_dir, split)
-    mesh = sharding.make_mesh(config.mesh)
+    data = image_config(data, data_dir, split)
     pcount, pindex = jax.process_count(), jax.process_index()
     devices = sharding.batch_devices(mesh)
     batch_size = -(-batch_size // (devices * pcount)) * devices * pcount
@@ -131,32 +125,3 @@ def compute(config, out, *, data_dir: str = "", split: str = "train", batch_size
     log(f"[ref_stats] wrote {out}: {num_records} images, "
         + ", ".join(f"{n.name} ({n.dim}-d)" for n in networks))
     return ref
-
-
-def _define_flags(fv) -> None:
-    from absl import flags
-
-    cli.define_config_flags(fv)
-    flags.DEFINE_string("out", None, "the .npz to write (local path or gs://)", flag_values=fv)
-    flags.DEFINE_string("data_dir", "", "TFDS data_dir of the real images (default: the "
-                        "config's, or TFDS's)", flag_values=fv)
-    flags.DEFINE_string("split", "train", "TFDS split", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 500, "images per step over all devices", flag_values=fv)
-    flags.DEFINE_integer("save_every", 20, "batches between saved partial states", flag_values=fv)
-    flags.mark_flag_as_required("out", flag_values=fv)
-
-
-def _run(fv, overrides) -> None:
-    config = cli.load_config(fv, overrides)
-    say = (lambda m: print(m, flush=True)) if files.is_primary() else (lambda m: None)
-    compute(config, fv.out, data_dir=fv.data_dir, split=fv.split, batch_size=fv.batch_size,
-            save_every=fv.save_every, log=say)
-
-
-def main(argv=None) -> int:
-    """The command; argv as sys.argv (program name first). Returns the exit status."""
-    return cli.run_command(__doc__, _define_flags, _run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
