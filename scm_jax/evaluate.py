@@ -115,7 +115,7 @@ def in_loop(config, name: str, objective, mesh, workdir, *, log=print):
         return None
     ev = config.eval
     primary = files.is_primary()
-    scorer = evaluators.from_config(config, mesh, eval_dir=files.join(workdir, "eval"),
+    scorer = evaluators.from_config(ev, config.data, mesh, eval_dir=files.join(workdir, "eval"),
                                     log=log if primary else (lambda m: None), primary=primary)
     steps = (ev.teacher_steps[0] if sampling.solves_ode(objective)
              else 2 if 2 in ev.consistency_steps else 1)
@@ -160,7 +160,7 @@ def evaluate_all(config, workdir, *, log=print, stages=None, scorer=None) -> dic
     eval_dir, sample_dir = files.join(workdir, "eval"), files.join(workdir, "samples")
     mesh = sharding.make_mesh(config.mesh)
     if scorer is None:
-        scorer = evaluators.from_config(config, mesh, eval_dir=eval_dir, log=say,
+        scorer = evaluators.from_config(ev, config.data, mesh, eval_dir=eval_dir, log=say,
                                         primary=primary)
     devices = sharding.batch_devices(mesh)
     batch_size = -(-ev.batch_size // devices) * devices   # a whole share for every device

@@ -100,7 +100,7 @@ def decode_pixels(config, samples: np.ndarray):
         return None
     from scm_jax.evaluation.evaluators import latent_decoder
 
-    decode, params = latent_decoder(config)
+    decode, params = latent_decoder(config.eval, config.data)
     decoded = jax.jit(decode)(params, samples)
     return np.asarray(to_uint8(decoded))
 

@@ -32,20 +32,19 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def stage_identity(config, objective) -> dict:
+def stage_identity(data, objective) -> dict:
     """What a checkpoint of this stage means: its architecture (config.model as the objective
-    builds it, less how it is computed), its dataset's identity (config.data less paths and
-    throughput settings; sigma_d included) and its objective."""
+    builds it, less how it is computed), its dataset's identity (`data`, config.data, less
+    paths and throughput settings; sigma_d included) and its objective."""
     model = {k: v for k, v in _plain(objective.model_cfg).items()
              if k not in MODEL_NON_IDENTITY_KEYS}
-    data = {k: v for k, v in _plain(config.data).items()
-            if k not in data_lib.NON_IDENTITY_KEYS}
+    data = {k: v for k, v in _plain(data).items() if k not in data_lib.NON_IDENTITY_KEYS}
     return dict(model=model, data=data, objective=_plain(objective.identity()))
 
 
 def stage_record(config, objective) -> dict:
     """What `config.json` stores: the identity, and the whole config for the record."""
-    return dict(identity=stage_identity(config, objective), config=_plain(config))
+    return dict(identity=stage_identity(config.data, objective), config=_plain(config))
 
 
 def _flatten(tree, prefix=""):

@@ -1,6 +1,6 @@
-"""The scorer an experiment's evaluation uses, chosen by its config.
+"""The scorer an experiment's evaluation uses, chosen by its `eval` and `data` sections.
 
-    scorer = from_config(config, mesh, eval_dir=..., log=print)
+    scorer = from_config(config.eval, config.data, mesh, eval_dir=..., log=print)
     scores = scorer.score(generate, num, batch_size, labels=labels, state_path=...)
 
 - digits (`config.eval.features == ()`): `DigitsScorer`: FD, precision / recall and
@@ -30,14 +30,14 @@ class DigitsScorer:
 
     metric = "fd"
 
-    def __init__(self, config, eval_dir, *, log=print, save: bool = True):
+    def __init__(self, ev, data, eval_dir, *, log=print, save: bool = True):
+        """ev: config.eval; data: config.data (its `holdout` split is the real floor)."""
         from scm_jax.data import load_digits_splits
         from scm_jax.evaluation.digits_classifier import (classifier_predict,
                                                           load_or_train_classifier)
         from scm_jax.evaluation.evaluator import DigitsEvaluator
 
-        ev = config.eval
-        splits = load_digits_splits(config.data.holdout)
+        splits = load_digits_splits(data.holdout)
         start = time.time()
         clf = load_or_train_classifier(eval_dir / "digits_classifier.msgpack",
                                        splits["train_images"], splits["train_labels"], seed=0,
@@ -79,20 +79,21 @@ class DigitsScorer:
         return dict(scores, fd_small=small["fd"], num_samples=num)
 
 
-def latent_decoder(config):
-    """(decode(params, latents) -> images in [-1, 1], params) for latent datasets, else (None, None)."""
-    if config.data.name != "imagenet512_latents":
+def latent_decoder(ev, data):
+    """(decode(params, latents) -> images in [-1, 1], params) for latent datasets (`data`, a
+    config's data section; the SD-VAE of `ev.vae`), else (None, None)."""
+    if data.name != "imagenet512_latents":
         return None, None
     import jax.numpy as jnp
 
     from scm_jax.data.latents import denormalize_latents
     from scm_jax.networks.vae import AutoencoderKL, load_vae_params
 
-    v = config.eval.vae
+    v = ev.vae
     vae = AutoencoderKL(block_out_channels=tuple(v.block_out_channels),
                         layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups)
     params = load_vae_params(v.weights, vae)
-    sigma_d = float(config.data.sigma_d)
+    sigma_d = float(data.sigma_d)
 
     def decode(p, latents):
         z = denormalize_latents(latents.astype(jnp.float32), sigma_d)
@@ -101,18 +102,19 @@ def latent_decoder(config):
     return decode, params
 
 
-def feature_scorer(config, mesh, *, num_samples_hint: int | None = None) -> FeatureScorer:
-    """The FID / FD-DINOv2 scorer of `config.eval` on `mesh` (weights and reference loaded)."""
-    ev = config.eval
+def feature_scorer(ev, data, mesh) -> FeatureScorer:
+    """The FID / FD-DINOv2 scorer of `ev` (config.eval) for samples of `data` (config.data) on
+    `mesh` (weights and reference loaded)."""
     reference = reference_lib.load(ev.reference)
     networks = features_lib.load(ev)
-    decode, decode_params = latent_decoder(config)
+    decode, decode_params = latent_decoder(ev, data)
     featurize = features_lib.featurizer(networks, mesh, decode, decode_params)
     return FeatureScorer(networks, reference, featurize, pr_samples=ev.pr_samples)
 
 
-def from_config(config, mesh, *, eval_dir, log=print, primary: bool = True):
-    """DigitsScorer for the digits experiment, else the FeatureScorer of config.eval."""
-    if config.data.name == "digits":
-        return DigitsScorer(config, eval_dir, log=log, save=primary)
-    return feature_scorer(config, mesh)
+def from_config(ev, data, mesh, *, eval_dir, log=print, primary: bool = True):
+    """DigitsScorer for the digits experiment, else the FeatureScorer of `ev` (config.eval);
+    `data` is config.data."""
+    if data.name == "digits":
+        return DigitsScorer(ev, data, eval_dir, log=log, save=primary)
+    return feature_scorer(ev, data, mesh)

@@ -36,8 +36,12 @@ def section(name: str, **overrides):
 
 def build(config, stage_name: str, platform: str | None = None) -> Objective:
     """The objective of config.<stage_name>, built with its networks and optimizers for
-    `platform` (where the networks run: it resolves attention_impl 'auto'; default: JAX's)."""
-    return get(config[stage_name].objective)(config, stage_name, platform)
+    `platform` (where the networks run: it resolves attention_impl 'auto'; default: JAX's).
+    The one place that picks an objective's sections out of a config: its stage section,
+    `model` and `data.sigma_d`."""
+    stage = config[stage_name]
+    return get(stage.objective)(stage_name, stage, config.model, float(config.data.sigma_d),
+                                platform)
 
 
 __all__ = ["OBJECTIVES", "NetState", "Network", "Objective", "Teacher", "TrainState", "build",

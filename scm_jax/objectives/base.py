@@ -168,11 +168,15 @@ class Objective(abc.ABC):
         """The objective's own checks of config.<where> (override)."""
 
     # --- Construction ---------------------------------------------------------------------
-    def __init__(self, config, stage_name: str, platform: str | None = None):
-        self.config, self.stage_name = config, stage_name
-        self.cfg = config[stage_name]
-        self.sigma_d = float(config.data.sigma_d)
-        self.model_cfg = self.model_config(config)
+    def __init__(self, stage_name: str, stage: ml_collections.ConfigDict,
+                 model: ml_collections.ConfigDict, sigma_d: float,
+                 platform: str | None = None):
+        """stage_name: the section's name (`config.<stage_name>`); stage: that section (this
+        objective's schema); model: config.model; sigma_d: config.data.sigma_d; platform:
+        where the networks run (it resolves attention_impl 'auto'; default: JAX's).
+        `objectives.build(config, stage_name)` picks these sections out of a config."""
+        self.stage_name, self.cfg, self.sigma_d = stage_name, stage, float(sigma_d)
+        self.model_cfg = self.model_config(model)
         with self.model_cfg.unlocked():
             self.model_cfg.attention_impl = resolve_attention_impl(
                 self.model_cfg.attention_impl, platform)
@@ -192,9 +196,10 @@ class Objective(abc.ABC):
         self.optimizer = optimizers.build_optimizer(self.cfg.optimizer)
         self.networks = self.build_networks()
 
-    def model_config(self, config):
-        """config.model as this objective's networks use it (override to change an entry)."""
-        return config.model.copy_and_resolve_references()
+    def model_config(self, model):
+        """config.model (`model`) as this objective's networks use it, a copy (override to
+        change an entry)."""
+        return model.copy_and_resolve_references()
 
     def build_networks(self) -> dict:
         """name -> Network: the backbone 'net' with the stage's EMA (override to add more)."""
@@ -360,14 +365,14 @@ class Objective(abc.ABC):
                 new = spec.project(optax.apply_updates(net.params, updates))
                 ema, posthoc = net.ema, net.posthoc
                 if ema is not None:
-                    beta = ema_lib.ema_decay(spec.ema.kind, spec.ema.value, state.step,
-                                             batch_size)
-                    ema = ema_lib.update_ema(ema, new, beta)
+                    weight = ema_lib.ema_weight(spec.ema.kind, spec.ema.value, state.step,
+                                                batch_size)
+                    ema = ema_lib.update_ema(ema, new, weight)
                 if posthoc is not None:   # EDM2's tracked power EMAs (post-hoc EMA)
                     posthoc = {
                         ema_lib.posthoc_key(i): ema_lib.update_ema(
                             posthoc[ema_lib.posthoc_key(i)], new,
-                            ema_lib.ema_decay("power", sigma_rel, state.step, batch_size))
+                            ema_lib.ema_weight("power", sigma_rel, state.step, batch_size))
                         for i, sigma_rel in enumerate(ema_lib.posthoc_sigma_rels(spec.ema))}
                 nets[name] = NetState(new, opt_state, ema, posthoc)
             finite = (tree_checks.finite(metrics["loss"]) & tree_checks.finite(grads)

@@ -117,8 +117,8 @@ class ConsistencyObjective(RegressionObjective):
                   config.model.guidance_input,
                   f"True when {where} samples a range of guidance scales")
 
-    def __init__(self, config, stage_name: str, platform: str | None = None):
-        super().__init__(config, stage_name, platform)
+    def __init__(self, stage_name, stage, model, sigma_d, platform=None):
+        super().__init__(stage_name, stage, model, sigma_d, platform)
         # The tangent pass may run in its own dtype and with the fused attention+JVP kernel
         # (`model.attention_impl`); it is never differentiated.
         jvp_dtype = self.cfg.jvp_dtype or self.model_cfg.dtype

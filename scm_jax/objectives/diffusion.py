@@ -65,11 +65,11 @@ class Diffusion(RegressionObjective):
                               f"for an unconditional network ({where}.model.num_classes = 0): "
                               f"expected 0.0")
 
-    def model_config(self, config):
+    def model_config(self, model):
         """config.model with this stage's own width and classes (`model` section); a diffusion
         model never takes a guidance-scale input: only a guided student does (sCM Sec. 7), and
         it starts from this model with that input zero-initialized."""
-        model = super().model_config(config)
+        model = super().model_config(model)
         own = self.cfg.model
         with model.unlocked():
             model.guidance_input = False

@@ -106,19 +106,19 @@ class RegressionObjective(Objective):
     exists (same state, same checkpoints) but is not used, so its gradient is zero.
     """
 
-    def model_config(self, config):
+    def model_config(self, model):
         """config.model, plus `sigma_d` = config.data.sigma_d when the network's time input is
         EDM's (model.time_transform 'edm', or model.edm2_native): c_noise = ln(sigma_d tan t)
         / 4 needs the data std, which is config.data's (one value, not a second copy in
         config.model). Only then, so the model identity of every other run is unchanged."""
-        model = super().model_config(config)
+        model = super().model_config(model)
         if needs_sigma_d(model):
             with model.unlocked():
-                model.sigma_d = float(config.data.sigma_d)
+                model.sigma_d = self.sigma_d
         return model
 
     def build_networks(self) -> dict:
-        weight = AdaptiveWeight(self.config.model.weight_channels)
+        weight = AdaptiveWeight(self.model_cfg.weight_channels)
         init_weight = lambda key, example: weight.init(key, example[1])["params"]  # noqa: E731
         return dict(super().build_networks(),
                     weight=Network(weight, init_weight, self.optimizer, ema=None))

@@ -131,7 +131,7 @@ class AdaptiveVSD(SCM):
             with cfg.unlocked():
                 cfg.lr = float(v.fake_lr)
             fake_opt = optimizers.build_optimizer(cfg)
-        channels = self.config.model.weight_channels
+        channels = self.model_cfg.weight_channels
 
         def init_fake(key, example):
             x, t, cond = example

@@ -34,7 +34,7 @@ def measure(results, config, log=print) -> None:
 
     workdir = results["workdir"]
     sigma_rels = SIGMA_RELS if results.get("size", "full") == "full" else TINY_SIGMA_RELS
-    scorer = evaluators.from_config(config, sharding.make_mesh(config.mesh),
+    scorer = evaluators.from_config(config.eval, config.data, sharding.make_mesh(config.mesh),
                                     eval_dir=files.join(workdir, "eval"), log=log)
     models = [("teacher", results["teachers"]["base"]["directory"])]
     if results["runs"].get("scd", {}).get("status") == "done":

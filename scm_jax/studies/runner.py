@@ -150,7 +150,7 @@ def run_study(study: Study, *, workdir, config="experiments/digits.py", size="fu
                           f"{size!r}: {', '.join(r.id for r in runs)}")
     wanted = [r for r in runs if not only or r.id in only.split(",")]
     mesh = sharding.make_mesh(base.mesh)
-    scorer = evaluators.from_config(base, mesh, eval_dir=files.join(workdir, "eval"), log=log)
+    scorer = evaluators.from_config(base.eval, base.data, mesh, eval_dir=files.join(workdir, "eval"), log=log)
     teacher_dirs = {}
     for tid in sorted({r.teacher for r in wanted} | ({"base"} if "base" in study.teachers
                                                      else set())):
