@@ -27,10 +27,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import (VECTOR_AXES, XAVIER, ZEROS,
-                                    adaptive_double_norm, at_least_f32, check_backbone_config,
-                                    check_inputs, dense, positional_embedding, remat_block)
+from scm_jax.networks.attention import attention
+from scm_jax.networks.layers import (Backbone, VECTOR_AXES, XAVIER, ZEROS, adaptive_double_norm,
+                                     at_least_f32, check_backbone_config, check_call, dense,
+                                     guidance_embedding, positional_embedding, remat_block)
 from scm_jax.networks.scan import apply_blocks
 
 MODULATIONS = ("adn", "additive")
@@ -130,7 +130,7 @@ class UNetBlock(nn.Module):
         return _conv(c, 1, "proj", self.dtype, init=ZEROS)(a.reshape(b, hh, ww, c))
 
 
-class DDPMPP(nn.Module):
+class DDPMPP(Backbone):
     """F_theta(x_t / sigma_d, c_noise(t), y, s). x: [B, H, W, C] -> [B, H, W, C].
 
     Resolutions halve once per entry of `channel_mult` after the first; attention runs at the
@@ -148,13 +148,7 @@ class DDPMPP(nn.Module):
     dropout_max_resolution: int = 0
     noise_channels: int = 128
     emb_channels: int = 512
-    num_classes: int = 0
-    guidance_input: bool = False
-    modulation: str = "adn"
-    attention_impl: str = "xla"
-    remat: str = "none"
     scan_blocks: bool = False
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, t, y=None, guidance=None, *, train: bool = False):
@@ -231,19 +225,13 @@ class DDPMPP(nn.Module):
                                      nn.initializers.normal(1.0), ("vocab", "embed_out")),
                                  name="map_label")(y)
         if self.guidance_input:
-            # Zero-initialized: a guided student initialized from its teacher starts equal to it.
-            g = positional_embedding(guidance, self.noise_channels)
-            emb = emb + dense(self.noise_channels, "map_guidance", dt, init=ZEROS)(g)
+            emb = emb + guidance_embedding(guidance, self.noise_channels, self.noise_channels,
+                                           "map_guidance", dt)
         emb = nn.silu(dense(self.emb_channels, "map_layer0", dt)(emb))
         return nn.silu(dense(self.emb_channels, "map_layer1", dt)(emb))
 
     def _check(self, x, t, y, guidance):
-        if self.modulation not in MODULATIONS:
-            raise ValueError(f"unknown modulation {self.modulation!r}; "
-                             f"expected one of {MODULATIONS}")
-        check_attention_impl(self.attention_impl)
-        check_inputs(x, t, y, guidance, num_classes=self.num_classes,
-                     guidance_input=self.guidance_input)
+        check_call(self, MODULATIONS, x, t, y, guidance)
         factor = 2 ** (len(self.channel_mult) - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"input size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, "

@@ -35,10 +35,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import (VECTOR_AXES, ZEROS, at_least_f32, check_backbone_config,
-                                    check_inputs, dense, pixel_norm,
-                                    positional_embedding, remat_block)
+from scm_jax.networks.attention import attention
+from scm_jax.networks.layers import (Backbone, VECTOR_AXES, ZEROS, at_least_f32,
+                                     check_backbone_config, check_call, dense, guidance_embedding,
+                                     pixel_norm, positional_embedding, remat_block)
 from scm_jax.networks.scan import apply_blocks
 
 MODULATIONS = ("adn", "adaln")
@@ -154,7 +154,7 @@ class DiTBlock(nn.Module):
         return nn.RMSNorm(epsilon=1e-6, dtype=self.dtype, scale_init=ones, name=name)
 
 
-class DiT(nn.Module):
+class DiT(Backbone):
     """F_theta(x_t / sigma_d, c_noise(t), y, s). x: [B, H, W, C] latents -> [B, H, W, C].
 
     H and W must be multiples of `patch_size`. Output in float32 (float64 stays float64).
@@ -166,15 +166,9 @@ class DiT(nn.Module):
     patch_size: int = 2
     mlp_ratio: float = 4.0
     noise_channels: int = 256
-    num_classes: int = 0
-    guidance_input: bool = False
     qk_norm: bool = False
-    modulation: str = "adn"
     dropout: float = 0.0
-    attention_impl: str = "xla"
-    remat: str = "none"
     scan_blocks: bool = False
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, t, y=None, guidance=None, *, train: bool = False):
@@ -218,21 +212,15 @@ class DiT(nn.Module):
                              embedding_init=nn.with_logical_partitioning(
                                  EMBED_INIT, ("vocab", "embed_out")))(y)
         if self.guidance_input:
-            # Zero-initialized: a guided student initialized from its teacher starts equal to it.
-            g = positional_embedding(guidance, self.noise_channels)
-            c = c + dense(self.hidden_size, "guidance_embed", dt, init=ZEROS)(g)
+            c = c + guidance_embedding(guidance, self.noise_channels, self.hidden_size,
+                                       "guidance_embed", dt)
         return nn.silu(c)
 
     def _check(self, x, t, y, guidance):
-        if self.modulation not in MODULATIONS:
-            raise ValueError(f"unknown modulation {self.modulation!r}; "
-                             f"expected one of {MODULATIONS}")
-        check_attention_impl(self.attention_impl)
+        check_call(self, MODULATIONS, x, t, y, guidance)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
-        check_inputs(x, t, y, guidance, num_classes=self.num_classes,
-                     guidance_input=self.guidance_input)
         if self.patch_size < 1 or x.shape[1] % self.patch_size or x.shape[2] % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} does not divide the input size "
                              f"{x.shape[1]}x{x.shape[2]}")

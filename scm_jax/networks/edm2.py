@@ -45,9 +45,9 @@ import numpy as np
 
 from scm_jax.errors import ConfigError
 from scm_jax.networks.attention import attention, check_attention_impl
-from scm_jax.networks.layers import (TIME_TRANSFORMS, adaptive_double_norm, at_least_f32,
-                                    check_backbone_config, check_inputs, noise_conditioning,
-                                    remat_block)
+from scm_jax.networks.layers import (Backbone, TIME_TRANSFORMS, adaptive_double_norm, at_least_f32,
+                                     check_backbone_config, check_inputs, noise_conditioning,
+                                     remat_block)
 from scm_jax.networks.mp_layers import (DENSE_AXES, MP_WEIGHT, MPConv, MPFourier, mp_cat,
                                         mp_positional_features, mp_silu, mp_sum, normalize,
                                         project_weight)
@@ -171,7 +171,7 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
-class EDM2UNet(nn.Module):
+class EDM2UNet(Backbone):
     """F_theta(x_t / sigma_d, t, y, s) with EDM2's U-Net. x: [B, R, R, C] -> [B, R, R, C].
 
     Resolution R halves once per entry of `channel_mult` after the first. noise_channels defaults
@@ -191,8 +191,6 @@ class EDM2UNet(nn.Module):
     channels_per_head: int = 64
     noise_channels: int | None = None
     emb_channels: int | None = None
-    num_classes: int = 0
-    guidance_input: bool = False
     label_balance: float = 0.5
     concat_balance: float = 0.3
     res_balance: float = 0.3
@@ -200,15 +198,11 @@ class EDM2UNet(nn.Module):
     clip_act: float | None = 256.0
     dropout: float = 0.0
     dropout_max_resolution: int = 0     # dropout only at resolutions <= this; 0: everywhere
-    modulation: str = "adn"
     time_transform: str = "identity"
     time_embedding: str = "positional"
     sigma_d: float | None = None        # the data std; time_transform 'edm' needs it
     negate_output: bool = False
-    attention_impl: str = "xla"
-    remat: str = "none"
     scan_blocks: bool = False
-    dtype: jnp.dtype = jnp.float32
 
     def _check_inputs(self, x, t, y, guidance):
         for name, value, allowed in (("modulation", self.modulation, MODULATIONS),

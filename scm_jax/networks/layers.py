@@ -10,6 +10,36 @@ import jax.numpy as jnp
 import numpy as np
 
 from scm_jax.errors import ConfigError
+from scm_jax.networks.attention import check_attention_impl
+
+
+class Backbone(nn.Module):
+    """The fields every backbone shares (`networks.BACKBONES`); each adds its architecture's.
+
+    F_theta(x_t / sigma_d, c_noise(t), y, guidance): class-conditional on `num_classes` labels
+    (index `num_classes` is the null label; 0: unconditional), a guided student's guidance scale
+    input (`guidance_input`, sCM Sec. 7), the normalization-modulation (`MODULATIONS` of the
+    backbone), the attention implementation ('xla' | 'pallas' | 'auto', `networks.attention`),
+    the blocks' rematerialization (`REMAT_MODES`) and the compute dtype.
+    """
+
+    num_classes: int = 0
+    guidance_input: bool = False
+    modulation: str = "adn"
+    attention_impl: str = "xla"
+    remat: str = "none"
+    dtype: jnp.dtype = jnp.float32
+
+
+def check_call(module: nn.Module, modulations, x, t, y, guidance) -> None:
+    """The checks every backbone's call makes: its modulation among `modulations`, its
+    attention implementation, and its inputs (`check_inputs`); a ValueError names the bad value."""
+    if module.modulation not in modulations:
+        raise ValueError(f"unknown modulation {module.modulation!r}; "
+                         f"expected one of {tuple(modulations)}")
+    check_attention_impl(module.attention_impl)
+    check_inputs(x, t, y, guidance, num_classes=module.num_classes,
+                 guidance_input=module.guidance_input)
 
 
 def check_inputs(x, t, y, guidance, *, num_classes: int, guidance_input: bool) -> None:
@@ -74,6 +104,13 @@ def dense(features: int, name: str, dtype, init=XAVIER) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, name=name,
                     kernel_init=nn.with_logical_partitioning(init, DENSE_AXES),
                     bias_init=nn.with_logical_partitioning(ZEROS, VECTOR_AXES))
+
+
+def guidance_embedding(guidance, noise_channels: int, features: int, name: str, dtype):
+    """Dense(pos(s)) [B, features] of the guidance scale s ([] or [B]; sCM Sec. 7), its layer
+    zero-initialized so that a guided student initialized from its teacher starts equal to it.
+    A constant in the sCM JVP (zero tangent)."""
+    return dense(features, name, dtype, init=ZEROS)(positional_embedding(guidance, noise_channels))
 
 
 def check_backbone_config(model, keys, modulations, backbone: str) -> None:

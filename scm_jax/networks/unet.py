@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax.networks.attention import SelfAttention
-from scm_jax.networks.layers import (AdaptiveDoubleNorm, ConditioningEmbedding, at_least_f32,
-                                    check_inputs, noise_conditioning, remat_block)
+from scm_jax.networks.layers import (AdaptiveDoubleNorm, Backbone, ConditioningEmbedding,
+                                     at_least_f32, check_inputs, noise_conditioning, remat_block)
 
 # Logical axes of the convolutions (scm_jax.sharding): with mesh.fsdp > 1 their kernels and
 # biases are split over 'fsdp' along the output channels; the rest stays replicated.
@@ -66,7 +66,7 @@ class ResBlock(nn.Module):
         return (x + h) / jnp.sqrt(2.0).astype(h.dtype)
 
 
-class UNet(nn.Module):
+class UNet(Backbone):
     """F_theta(x_t / sigma_d, c_noise(t), y, s). x: [B, H, W, C] -> [B, H, W, C] (float32 out).
 
     Resolutions halve once per entry of `channel_mult` after the first. Attention runs at the
@@ -88,14 +88,8 @@ class UNet(nn.Module):
     dropout: float = 0.0
     noise_channels: int = 64
     emb_channels: int = 128
-    num_classes: int = 0
-    guidance_input: bool = False
-    attention_impl: str = "xla"
-    remat: str = "none"
-    dtype: jnp.dtype = jnp.float32
     time_transform: str = "identity"
     time_embedding: str = "positional"
-    modulation: str = "adn"
     sigma_d: float | None = None
 
     @nn.compact
