@@ -51,17 +51,23 @@ def test_power_ema_exponent_matches_its_relative_std():
         ema.power_ema_exponent(0.5)
 
 
-def test_ema_decays_and_update():
-    assert float(ema.ema_decay("power", 0.05, 0, 64)) == 0.0          # first step copies params
-    gamma = ema.power_ema_exponent(0.05)
-    np.testing.assert_allclose(ema.ema_decay("power", 0.05, 99, 64), (1 - 1 / 100) ** (gamma + 1),
-                               rtol=1e-5)
-    np.testing.assert_allclose(ema.ema_decay("halflife", 500_000, 5, 512), 0.5 ** (512 / 500_000),
-                               rtol=1e-6)
+def test_ema_weights_and_update():
+    assert float(ema.ema_weight("power", 0.05, 0, 64)) == 1.0          # first step copies params
+    # Against float64 at fresh steps up to 10^7: float32's relative precision, where forming
+    # beta = (1 - 1/t)^(gamma + 1) in float32 first would be off by up to ~6% at t = 1e6.
+    rng = np.random.default_rng()
+    steps = np.concatenate([[1, 99, 999_999], rng.integers(1, 10_000_000, 20)])
+    for sigma_rel in (0.05, rng.uniform(0.01, 0.25)):
+        gamma = ema.power_ema_exponent(sigma_rel)
+        want = -np.expm1((gamma + 1) * np.log1p(-1 / (steps.astype(np.float64) + 1)))
+        got = np.array([float(ema.ema_weight("power", sigma_rel, int(s), 64)) for s in steps])
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+    np.testing.assert_allclose(ema.ema_weight("halflife", 500_000, 5, 512),
+                               1 - 0.5 ** (512 / 500_000), rtol=1e-6)
     out = ema.update_ema({"a": jnp.ones(3)}, {"a": jnp.zeros(3)}, 0.25)
-    np.testing.assert_allclose(out["a"], 0.25)
+    np.testing.assert_allclose(out["a"], 0.75)
     with pytest.raises(ValueError, match="ema.kind"):
-        ema.ema_decay("linear", 1.0, 0, 1)
+        ema.ema_weight("linear", 1.0, 0, 1)
 
 
 def _edm2_learning_rate(cur_nimg, batch_size, ref_lr, ref_batches, rampup_mimg):

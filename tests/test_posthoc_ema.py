@@ -23,7 +23,7 @@ def _track(trajectory, sigma_rels):
     t = 1..T updates, updated exactly as the train step does (scm_jax.objectives.base)."""
     def body(emas, xs):
         step, params = xs
-        emas = tuple(ema.update_ema(e, params, ema.ema_decay("power", s, step, 128))
+        emas = tuple(ema.update_ema(e, params, ema.ema_weight("power", s, step, 128))
                      for e, s in zip(emas, sigma_rels))
         return emas, emas
     init = tuple(trajectory[0] for _ in sigma_rels)
