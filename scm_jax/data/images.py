@@ -22,7 +22,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from scm_jax.errors import ConfigError, MissingInputError
+from scm_jax.errors import ConfigError, MissingInputError, check
 from scm_jax.data.image_preprocessing import adm_center_crop, uint8_to_unit_range
 from scm_jax.data.signed_iterator import SignedIterator, process_rows
 
@@ -63,20 +63,22 @@ def image_data_config(name: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def validate_image_data_config(cfg) -> None:
-    """Raises ValueError naming the bad key, its value and what was expected."""
-    def check(ok, key, expected):
-        if not ok:
-            raise ConfigError(f"data.{key} = {cfg[key]!r}; expected {expected}")
+    """Raises ConfigError naming the bad key, its value and what was expected."""
+    def check_key(ok, key, expected):
+        check(ok, f"data.{key}", cfg[key], expected)
 
-    check(cfg.name in IMAGE_DATASETS, "name", f"one of {sorted(IMAGE_DATASETS)}")
-    check(isinstance(cfg.tfds_name, str) and cfg.tfds_name, "tfds_name", "a TFDS dataset name")
-    check(isinstance(cfg.resolution, int) and cfg.resolution >= 1, "resolution", "a positive int")
-    check(cfg.sigma_d > 0, "sigma_d", "> 0")
-    check(isinstance(cfg.num_workers, int) and cfg.num_workers >= 0, "num_workers", "an int >= 0")
-    check(isinstance(cfg.read_threads, int) and cfg.read_threads >= 0, "read_threads",
-          "an int >= 0")
-    check(isinstance(cfg.prefetch_batches, int) and cfg.prefetch_batches >= 1, "prefetch_batches",
-          "an int >= 1")
+    check_key(cfg.name in IMAGE_DATASETS, "name", f"one of {sorted(IMAGE_DATASETS)}")
+    check_key(isinstance(cfg.tfds_name, str) and cfg.tfds_name, "tfds_name",
+              "a TFDS dataset name")
+    check_key(isinstance(cfg.resolution, int) and cfg.resolution >= 1, "resolution",
+              "a positive int")
+    check_key(cfg.sigma_d > 0, "sigma_d", "> 0")
+    check_key(isinstance(cfg.num_workers, int) and cfg.num_workers >= 0, "num_workers",
+              "an int >= 0")
+    check_key(isinstance(cfg.read_threads, int) and cfg.read_threads >= 0, "read_threads",
+              "an int >= 0")
+    check_key(isinstance(cfg.prefetch_batches, int) and cfg.prefetch_batches >= 1,
+              "prefetch_batches", "an int >= 1")
 
 
 # --- Source and missing data ---------------------------------------------------------------------
