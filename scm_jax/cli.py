@@ -59,7 +59,7 @@ def define_config_flags(fv, *, config_help: str = "experiments/<name>.py[:arg]; 
 def load_config(fv, overrides, *, validate: bool = True):
     """jax.distributed started when --distributed is set, then `configs.load(--config,
     overrides)` (validated unless `validate` is false)."""
-    from scm_jax import configs
+    from scm_jax import config_checks, configs
 
     if "distributed" in fv and fv.distributed:
         import jax
@@ -67,7 +67,7 @@ def load_config(fv, overrides, *, validate: bool = True):
         jax.distributed.initialize()
     config = configs.load(fv.config, overrides)
     if validate:
-        configs.validate(config)
+        config_checks.validate(config)
     return config
 
 

@@ -326,10 +326,10 @@ def check(config, name: str, topology: Topology, *, log=print, teacher_cache=Non
     their estimated times. Returns the report (what --json writes). `mesh_source` says in the
     report where config.mesh came from; `teacher_cache` see `teacher_figures`; `cache_dir` keeps
     the compiler's answers (`scm_jax.compile_cache`)."""
-    from scm_jax import configs, sharding
+    from scm_jax import config_checks, configs, sharding
     from scm_jax.errors import ConfigError
 
-    configs.validate(config)
+    config_checks.validate(config)
     if name not in configs.training_stages(config):
         raise ConfigError(f"config.stage = {name!r} is not a training stage; pass one of "
                           f"{configs.training_stages(config)} (e.g. :stage=scd)")

@@ -1,4 +1,4 @@
-"""The shape of an experiment config, its one loader and its validation.
+"""The shape of an experiment config and its one loader (its checks: `config_checks.py`).
 
 An experiment (`experiments/<dataset>.py`) defines `get_config(arg)` returning
 
@@ -11,9 +11,9 @@ An experiment (`experiments/<dataset>.py`) defines `get_config(arg)` returning
                             (`objectives.section('scm', tangent='teacher', ...)`)
 
 `load('experiments/digits.py:variant=tiny', ['scd.steps=10'])` is the one loader: the command
-line, the tests, the benchmarks and the notebook all use it. `validate(config)` runs every
-check, of every stage the run will reach, before anything touches a workdir, and raises
-ConfigError naming the key, the bad value and what was expected.
+line, the tests, the benchmarks and the notebook all use it. `config_checks.validate(config)`
+runs every check, of every stage the run will reach, before anything touches a workdir, and
+raises ConfigError naming the key, the bad value and what was expected.
 """
 import ast
 import difflib
@@ -22,11 +22,7 @@ import os
 
 import ml_collections
 
-from scm_jax import data as data_lib
-from scm_jax import objectives
-from scm_jax.errors import ConfigError, MissingInputError, check
-from scm_jax.evaluation import settings as eval_settings
-from scm_jax.networks import validate_model_config
+from scm_jax.errors import ConfigError, MissingInputError
 
 EVAL = "eval"
 ALL = "all"
@@ -165,28 +161,3 @@ def training_stages(config) -> tuple:
 def pipeline(config) -> tuple:
     """The stages config.stage runs, in order ('all': config.pipeline)."""
     return tuple(config.pipeline) if config.stage == ALL else (config.stage,)
-
-
-# --- Validation --------------------------------------------------------------------------------
-def validate(config) -> None:
-    """Checks every value the run depends on; raises ConfigError naming the first bad one."""
-    stages = training_stages(config)
-    check(config.stage in stages + (EVAL, ALL), "stage", config.stage,
-          f"one of {stages + (EVAL, ALL)}")
-    check(all(name in stages + (EVAL,) for name in config.pipeline), "pipeline",
-          tuple(config.pipeline), f"stages among {stages + (EVAL,)}")
-    if config.data.name not in data_lib.DATASETS:
-        raise ConfigError(f"config.data.name = {config.data.name!r} is invalid: expected one "
-                          f"of {data_lib.DATASETS}")
-    check(config.data.sigma_d > 0, "data.sigma_d", config.data.sigma_d, "> 0")
-    validate_model_config(config.model)
-    check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
-          "-1 (all devices) or a positive device count")
-    check(config.mesh.get("fsdp", 1) >= 1, "mesh.fsdp", config.mesh.get("fsdp", 1),
-          "a positive device count")
-    # Every stage, not only those this run reaches: a pipeline fails at start-up, not after
-    # its first stage trained for an hour.
-    for name in stages:
-        objectives.get(config[name].objective).validate_section(config, name)
-    if "eval" in config:
-        eval_settings.validate(config.eval)

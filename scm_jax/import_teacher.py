@@ -117,10 +117,10 @@ def prepare(config, pkl: str, workdir, stage: str = "teacher"):
     nothing written: ConfigError for a config that does not build the pickle's network,
     CheckpointMismatchError for a stage directory that already holds a checkpoint."""
     from scm_jax import checkpoint as ckpt
-    from scm_jax import configs, edm2_pickle, objectives, sampling, stage_identity
+    from scm_jax import config_checks, configs, edm2_pickle, objectives, sampling, stage_identity
     from scm_jax.errors import CheckpointMismatchError, ConfigError
 
-    configs.validate(config)
+    config_checks.validate(config)
     if stage not in configs.training_stages(config):
         raise ConfigError(f"the config has no {stage!r} stage to import into")
     if config.model.name != "edm2" or not config.model.get("edm2_native", False):

@@ -19,9 +19,9 @@ import sys
 
 def run(config, workdir, *, log=print) -> None:
     """Dispatches config.stage. Importable so tests and notebooks can call it directly."""
-    from scm_jax import configs, files, train
+    from scm_jax import config_checks, configs, files, train
 
-    configs.validate(config)
+    config_checks.validate(config)
     if config.dry_run:
         dry_run(config, log=log)
         return

@@ -15,8 +15,8 @@ from jax.experimental import multihost_utils
 
 from scm_jax import checkpoint as ckpt
 from scm_jax import ema as ema_lib
-from scm_jax import (configs, files, objectives, posthoc_store, preemption, processes, sampling,
-                     sharding, stage_identity, stage_restore, tree_checks)
+from scm_jax import (config_checks, configs, files, objectives, posthoc_store, preemption,
+                     processes, sampling, sharding, stage_identity, stage_restore, tree_checks)
 from scm_jax.data import build_train_batches
 from scm_jax.errors import ConfigError, UserError
 from scm_jax.evaluate import in_loop
@@ -95,7 +95,7 @@ def train_stage(config, name: str, workdir, *, log=print):
     say = log if files.is_primary() else (lambda msg: None)
 
     # --- Config check: fail before anything is written --------------------------------------
-    configs.validate(config)
+    config_checks.validate(config)
     if name not in configs.training_stages(config):
         raise ConfigError(f"unknown training stage {name!r}; expected one of "
                           f"{configs.training_stages(config)}")

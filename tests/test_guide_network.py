@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax import configs, objectives, stage_restore, train
+from scm_jax import config_checks, objectives, stage_restore, train
 from scm_jax.errors import ConfigError
 from scm_jax.import_teacher import import_edm2_teacher
 from scm_jax.networks.edm2_names import params_from_edm2
@@ -24,7 +24,7 @@ GUIDE_KWARGS = dict(KWARGS, model_channels=8, label_dim=0, channel_mult_noise=2,
 
 def _config(tmp_path=None, arg="variant=runlocal,teacher=edm2,guide=xs", *overrides):
     config = load_experiment("imagenet512", arg, list(overrides))
-    configs.validate(config)
+    config_checks.validate(config)
     if tmp_path is not None:
         config.data.path = str(tmp_path / "latents")
     return config
@@ -119,7 +119,7 @@ def test_guide_config_errors_name_the_value():
     with pytest.raises(ConfigError, match="guide.model.channels"):
         _config(None, "variant=runlocal,guide=xs", "guide.model.channels=-4")
     with pytest.raises(ConfigError, match="has no 'channels' width"):
-        configs.validate(load_experiment("imagenet512", "variant=runlocal,backbone=dit",
+        config_checks.validate(load_experiment("imagenet512", "variant=runlocal,backbone=dit",
                                          ["teacher.model.channels=8"]))
     # Without a guiding network the guided teacher still needs label dropout (CFG).
     with pytest.raises(ConfigError, match="label_dropout > 0"):

@@ -132,19 +132,15 @@ def test_resuming_with_other_tracked_emas_names_the_setting(trained):
 
 
 def test_config_and_command_errors_are_one_line(tmp_path):
+    from scm_jax import config_checks, configs
+
     with pytest.raises(ConfigError, match="posthoc_sigma_rels"):
-        from scm_jax import configs
-
-        configs.validate(_config(**{"teacher.ema.posthoc_sigma_rels": "0.05,0.5"}))
+        config_checks.validate(_config(**{"teacher.ema.posthoc_sigma_rels": "0.05,0.5"}))
     with pytest.raises(ConfigError, match="posthoc_every"):
-        from scm_jax import configs
-
-        configs.validate(_config(**{"teacher.ema.posthoc_every": 0}))
+        config_checks.validate(_config(**{"teacher.ema.posthoc_every": 0}))
     # The EDM2 presets' posthoc=true: EDM2's two EMAs, a snapshot every 8 Mi images.
-    from scm_jax import configs
-
     paper = load_experiment("imagenet512", "variant=xxl,posthoc=true")
-    configs.validate(paper)
+    config_checks.validate(paper)
     assert all(tuple(paper[s].ema.posthoc_sigma_rels) == (0.05, 0.1)
                and paper[s].ema.posthoc_every == 4096 for s in configs.training_stages(paper))
     assert not load_experiment("imagenet512", "variant=xxl").teacher.ema.posthoc_sigma_rels

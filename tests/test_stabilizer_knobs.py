@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from scm_jax import configs, objectives
+from scm_jax import config_checks, configs, objectives
 from scm_jax.errors import ConfigError
 from scm_jax.networks import (NON_IDENTITY_KEYS, AdaptiveWeight, UNet, bind_apply, layers,
                               validate_model_config)
@@ -96,7 +96,7 @@ def test_time_transform_edm_is_the_identity_network_at_log_sigma_over_4(x64):
     # sigma_d reaches the network from config.data through the objectives' model section, and
     # only for 'edm' (every other run's model identity is unchanged).
     config = _digits(time_transform="edm")
-    configs.validate(config)
+    config_checks.validate(config)
     for stage in ("teacher", "scd"):
         module = objectives.build(config, stage).module
         assert (module.time_transform, module.sigma_d) == ("edm", config.data.sigma_d)
@@ -154,7 +154,7 @@ def test_adaptive_weighting_off_is_the_plain_mean_and_freezes_w_phi():
     assert all(base[s].loss.adaptive_weighting is True for s in stages)
     off = load_experiment("digits", "variant=tiny",
                           [f"{s}.loss.adaptive_weighting=false" for s in stages])
-    configs.validate(off)
+    config_checks.validate(off)
 
     # The objectives' weighted regression (`RegressionObjective.loss`) with their own w_phi
     # (`weight_fn`), a diffusion and a consistency stage; F is a parameter tensor here.
@@ -198,7 +198,7 @@ def test_jvp_rearranged_off_equals_it_in_float64(x64):
     np.testing.assert_allclose(g_b, g_a, rtol=1e-9, atol=1e-12)
     # Threaded from the sCM stages' config (not the discrete objective's: no JVP there).
     config = load_experiment("digits", "variant=tiny", ["sct.loss.jvp_rearranged=false"])
-    configs.validate(config)
+    config_checks.validate(config)
     assert objectives.build(config, "sct").loss_settings()["jvp_rearranged"] is False
     assert objectives.build(config, "scd").loss_settings()["jvp_rearranged"] is True
     assert "jvp_rearranged" not in config.dscd.loss
@@ -227,8 +227,8 @@ def test_stabilizer_values_are_validated():
                                 ("time_embedding", "sinusoid", "positional"),
                                 ("modulation", "film", "adagn")]:
         with pytest.raises(ConfigError, match=rf"model\.{key} = '{value}'.*{allowed}"):
-            configs.validate(_digits(**{key: value}))
-    configs.validate(_digits(time_transform="edm", time_embedding="fourier", modulation="adagn"))
+            config_checks.validate(_digits(**{key: value}))
+    config_checks.validate(_digits(time_transform="edm", time_embedding="fourier", modulation="adagn"))
     for key in ("time_transform", "time_embedding", "modulation"):
         assert key not in NON_IDENTITY_KEYS
     # The loss switches are booleans: the loader and the checks reject anything else.

@@ -102,12 +102,12 @@ def main(study: Study, argv=None) -> int:
 
 def load_config(spec: str, size: str, overrides=()):
     """The experiment config at the study's size ('tiny': the seconds-long variant)."""
-    from scm_jax import configs
+    from scm_jax import config_checks, configs
 
     if size == "tiny":
         spec = spec if ":" in spec else f"{spec}:variant=tiny"
     config = configs.load(spec, list(overrides))
-    configs.validate(config)
+    config_checks.validate(config)
     return config
 
 
