@@ -152,6 +152,7 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
         train.train_stage(config, "teacher", str(tmp_path), log=_quiet)
 
 
+@pytest.mark.slow   # a subprocess
 def test_a_second_run_in_the_same_stage_directory_is_refused(tmp_path):
     script = ("import sys; from tests.helpers import load_experiment; from scm_jax import train; "
               "train.train_stage(load_experiment('digits', 'variant=tiny', ['teacher.steps=100000',"
@@ -214,6 +215,7 @@ def test_success_that_did_nothing_is_an_error(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow   # a subprocess
 def test_divergence_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "scm_jax.main", "--config=experiments/digits.py:variant=tiny,stage=teacher",

@@ -75,6 +75,7 @@ train.train_stage(config, "teacher", sys.argv[1], log=print)
 """
 
 
+@pytest.mark.slow   # a subprocess
 def test_kill_9_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
     workdir, marker = tmp_path / "wd", tmp_path / "saving"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(workdir), str(marker)],
