@@ -81,7 +81,7 @@ def run_command(doc: str, define, body, argv=None, *, takes_overrides: bool = Tr
     from absl import flags
 
     from scm_jax.configs import split_overrides
-    from scm_jax.errors import UserError
+    from scm_jax.errors import ConfigError, UserError
 
     fv = flags.FlagValues()
     define(fv)
@@ -96,8 +96,6 @@ def run_command(doc: str, define, body, argv=None, *, takes_overrides: bool = Tr
         return EXIT_USER_ERROR
     try:
         if overrides and not takes_overrides:
-            from scm_jax.errors import ConfigError
-
             raise ConfigError(f"--config.{overrides[0]}: this command takes no --config.<key> "
                               "overrides")
         return body(fv, overrides) or 0

@@ -38,8 +38,8 @@ def stage_identity(data, objective) -> dict:
     paths and throughput settings; sigma_d included) and its objective."""
     model = {k: v for k, v in _plain(objective.model_cfg).items()
              if k not in MODEL_NON_IDENTITY_KEYS}
-    data = {k: v for k, v in _plain(data).items() if k not in data_lib.NON_IDENTITY_KEYS}
-    return dict(model=model, data=data, objective=_plain(objective.identity()))
+    dataset = {k: v for k, v in _plain(data).items() if k not in data_lib.NON_IDENTITY_KEYS}
+    return dict(model=model, data=dataset, objective=_plain(objective.identity()))
 
 
 def stage_record(config, objective) -> dict:

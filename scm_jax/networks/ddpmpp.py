@@ -29,7 +29,7 @@ import numpy as np
 
 from scm_jax.networks.attention import attention
 from scm_jax.networks.layers import (Backbone, VECTOR_AXES, XAVIER, ZEROS, adaptive_double_norm,
-                                     at_least_f32, check_backbone_config, check_call, dense,
+                                     at_least_f32, check_backbone_config, dense,
                                      guidance_embedding, positional_embedding, remat_block)
 from scm_jax.networks.scan import apply_blocks
 
@@ -231,7 +231,7 @@ class DDPMPP(Backbone):
         return nn.silu(dense(self.emb_channels, "map_layer1", dt)(emb))
 
     def _check(self, x, t, y, guidance):
-        check_call(self, MODULATIONS, x, t, y, guidance)
+        self.check_call(MODULATIONS, x, t, y, guidance)
         factor = 2 ** (len(self.channel_mult) - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"input size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, "

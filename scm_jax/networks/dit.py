@@ -37,7 +37,7 @@ import numpy as np
 
 from scm_jax.networks.attention import attention
 from scm_jax.networks.layers import (Backbone, VECTOR_AXES, ZEROS, at_least_f32,
-                                     check_backbone_config, check_call, dense, guidance_embedding,
+                                     check_backbone_config, dense, guidance_embedding,
                                      pixel_norm, positional_embedding, remat_block)
 from scm_jax.networks.scan import apply_blocks
 
@@ -217,7 +217,7 @@ class DiT(Backbone):
         return nn.silu(c)
 
     def _check(self, x, t, y, guidance):
-        check_call(self, MODULATIONS, x, t, y, guidance)
+        self.check_call(MODULATIONS, x, t, y, guidance)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")

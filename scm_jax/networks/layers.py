@@ -30,16 +30,16 @@ class Backbone(nn.Module):
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
 
-
-def check_call(module: nn.Module, modulations, x, t, y, guidance) -> None:
-    """The checks every backbone's call makes: its modulation among `modulations`, its
-    attention implementation, and its inputs (`check_inputs`); a ValueError names the bad value."""
-    if module.modulation not in modulations:
-        raise ValueError(f"unknown modulation {module.modulation!r}; "
-                         f"expected one of {tuple(modulations)}")
-    check_attention_impl(module.attention_impl)
-    check_inputs(x, t, y, guidance, num_classes=module.num_classes,
-                 guidance_input=module.guidance_input)
+    def check_call(self, modulations, x, t, y, guidance) -> None:
+        """The checks of these fields at a call: the modulation among the backbone's
+        `modulations`, the attention implementation, and the inputs (`check_inputs`); a
+        ValueError names the bad value."""
+        if self.modulation not in modulations:
+            raise ValueError(f"unknown modulation {self.modulation!r}; "
+                             f"expected one of {tuple(modulations)}")
+        check_attention_impl(self.attention_impl)
+        check_inputs(x, t, y, guidance, num_classes=self.num_classes,
+                     guidance_input=self.guidance_input)
 
 
 def check_inputs(x, t, y, guidance, *, num_classes: int, guidance_input: bool) -> None:

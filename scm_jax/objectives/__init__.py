@@ -40,8 +40,7 @@ def build(config, stage_name: str, platform: str | None = None) -> Objective:
     The one place that picks an objective's sections out of a config: its stage section,
     `model` and `data.sigma_d`."""
     stage = config[stage_name]
-    return get(stage.objective)(stage_name, stage, config.model, float(config.data.sigma_d),
-                                platform)
+    return get(stage.objective)(stage_name, stage, config.model, config.data.sigma_d, platform)
 
 
 __all__ = ["OBJECTIVES", "NetState", "Network", "Objective", "Teacher", "TrainState", "build",
