@@ -19,6 +19,7 @@ COMMANDS = {
     "scm_jax.config_reference": ("--out", "--check"),
     "scm_jax.convert_weights": ("--network", "--src", "--out"),
     "scm_jax.studies.posthoc": ("--workdir", "--size", "--seeds", "--only", "--config"),
+    "scm_jax.studies.teacher_length": ("--workdir", "--size", "--seeds", "--only", "--config"),
 }
 # benchmark script -> flags its --help must list (the same wrapper; run by path)
 SCRIPTS = {

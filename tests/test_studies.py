@@ -8,7 +8,7 @@ import pytest
 
 from scm_jax import train
 from scm_jax.studies import (compute, continuous_vs_discrete, posthoc, robustness, runner,
-                             stabilizers, vsd_vs_scd)
+                             stabilizers, teacher_length, vsd_vs_scd)
 from tests.helpers import load_experiment
 
 
@@ -107,6 +107,24 @@ def test_compute_extends_each_run_and_measures_its_cost(tmp_path, teacher_workdi
     assert 0 < fractions["scd_4"] < fractions["scd_8"]
     # Both lengths are one run, extended.
     assert sorted(os.listdir(tmp_path / "runs")) == ["scd"]
+
+
+@pytest.mark.slow
+def test_teacher_length_extends_its_own_teacher_and_scores_each_length(tmp_path):
+    """The study trains the teacher itself (no study teacher is trained or borrowed), one run
+    extended in order, each length scored from its own checkpoint."""
+    lines = []
+    results = runner.run_study(teacher_length.STUDY, workdir=str(tmp_path), size="tiny",
+                               overrides=("eval.teacher_steps=2",), log=lambda m: lines.append(m))
+    assert set(results["runs"]) == {"teacher_4", "teacher_8"} and results["teachers"] == {}
+    for entry in results["runs"].values():
+        _scored(entry, nfes=(3,))
+        assert {r["checkpoint_step"] for r in entry["rows"]} == {entry["steps"]}
+    assert sorted(os.listdir(tmp_path / "runs")) == ["teacher"]
+    assert not (tmp_path / "teachers").exists()
+    pts = teacher_length.curve(results, 3)
+    assert [p[0] for p in pts] == [4, 8] and pts[0][1]["fd"] != pts[1][1]["fd"]
+    assert (tmp_path / "teacher_length.png").stat().st_size > 5000
 
 
 @pytest.mark.slow

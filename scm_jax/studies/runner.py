@@ -40,7 +40,7 @@ class Run:
     id: str
     stage: str
     overrides: tuple = ()
-    teacher: str = "base"
+    teacher: str = "base"   # '' = the run trains a teacher stage itself (no study teacher)
     eval_overrides: tuple = ()
     label: str = ""
     group: str = ""
@@ -152,8 +152,8 @@ def run_study(study: Study, *, workdir, config="experiments/digits.py", size="fu
     mesh = sharding.make_mesh(base.mesh)
     scorer = evaluators.from_config(base.eval, base.data, mesh, eval_dir=files.join(workdir, "eval"), log=log)
     teacher_dirs = {}
-    for tid in sorted({r.teacher for r in wanted} | ({"base"} if "base" in study.teachers
-                                                     else set())):
+    named = {r.teacher for r in wanted if r.teacher}
+    for tid in sorted(named | ({"base"} if "base" in study.teachers else set())):
         teacher_dirs[tid] = _teacher(study, tid, base, spec, size, common, workdir,
                                      teacher_workdir, results, scorer, save, log)
     t_start = time.time()
@@ -196,7 +196,8 @@ def _train_and_score(run: Run, k: int, spec, size, common, base, steps, workdir,
     seed = (f"seed={int(base.seed) + k}",) if k else ()
     cfg = load_config(spec, size, common + tuple(run.overrides) + seed
                       + tuple(run.eval_overrides))
-    cfg.teacher.checkpoint_dir = teacher_dirs[run.teacher]
+    if run.teacher:
+        cfg.teacher.checkpoint_dir = teacher_dirs[run.teacher]
     run_dir = os.path.join(workdir, "runs", (run.directory or run.id) + (f"_seed{k}" if k else ""))
     stage_dir = os.path.join(run_dir, run.stage)
     _check_not_past(stage_dir, steps, run)
