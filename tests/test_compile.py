@@ -115,6 +115,7 @@ def test_the_command_reports_fit_speed_mfu_and_the_teacher_ratio_as_json(tmp_pat
     assert "MFU" in proc.stdout and "upper bound" in proc.stdout
 
 
+@pytest.mark.slow   # a TPU compile
 def test_a_step_that_cannot_fit_is_an_answer_with_the_bytes_required(tmp_path):
     """The stage alone on FSDP over all chips (no mesh given); the compiler's out-of-memory
     error becomes fits false with its bytes, exit status 0, no traceback."""

@@ -175,6 +175,7 @@ def test_tangent_primal_is_the_gradient_pass_forward(tpu_interpreter, monkeypatc
 # pass through the fused JVP kernel.
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow   # a TPU compile
 def test_scm_step_with_flash_compiles_for_v5p_sharing_the_forward():
     pytest.importorskip("libtpu", reason="lowering for a TPU needs libtpu (the [test] extra)")
     from scm_jax import compile as cc
