@@ -113,9 +113,8 @@ def test_compute_extends_each_run_and_measures_its_cost(tmp_path, teacher_workdi
 def test_teacher_length_extends_its_own_teacher_and_scores_each_length(tmp_path):
     """The study trains the teacher itself (no study teacher is trained or borrowed), one run
     extended in order, each length scored from its own checkpoint."""
-    lines = []
     results = runner.run_study(teacher_length.STUDY, workdir=str(tmp_path), size="tiny",
-                               overrides=("eval.teacher_steps=2",), log=lambda m: lines.append(m))
+                               overrides=("eval.teacher_steps=2",), log=lambda m: None)
     assert set(results["runs"]) == {"teacher_4", "teacher_8"} and results["teachers"] == {}
     for entry in results["runs"].values():
         _scored(entry, nfes=(3,))
