@@ -107,6 +107,11 @@ def test_compute_extends_each_run_and_measures_its_cost(tmp_path, teacher_workdi
     assert 0 < fractions["scd_4"] < fractions["scd_8"]
     # Both lengths are one run, extended.
     assert sorted(os.listdir(tmp_path / "runs")) == ["scd"]
+    # The teacher's compute is that of the checkpoint distilled, not the config's teacher.steps.
+    teacher_step = runner.teacher_row(results)["checkpoint_step"]
+    assert results["teacher_steps"] == teacher_step
+    longer = dict(results, teachers={"base": dict(rows=[dict(checkpoint_step=5 * teacher_step)])})
+    assert compute.teacher_steps(longer, load_experiment("digits", "variant=tiny")) == 5 * teacher_step
 
 
 @pytest.mark.slow

@@ -53,9 +53,18 @@ def measure_step_costs(results, config, log=print, calls: int = 10) -> None:
     batch = {k: jax.numpy.asarray(v) for k, v in next(batches).items()}
     rows = step_cost.measure(config, ("teacher",) + tuple(BUDGETS), batch, calls=calls)
     results["step_cost"] = rows
-    results["teacher_steps"] = int(config.teacher.steps)
+    results["teacher_steps"] = teacher_steps(results, config)
     log("[study] step cost / teacher's: " + ", ".join(
         f"{n} {r['time_ratio']:.2f}x time, {r['flops_ratio']:.2f}x FLOPs" for n, r in rows.items()))
+
+
+def teacher_steps(results, config) -> int:
+    """The training steps of the teacher the runs distilled: the step of the checkpoint its
+    scores were read from (a `--teacher_workdir` teacher trained longer or shorter than the
+    config's `teacher.steps`, e.g. the teacher-length study's), else `teacher.steps`."""
+    steps = {r.get("checkpoint_step") for r in results.get("teachers", {}).get("base", {})
+             .get("rows", [])} - {None}
+    return int(steps.pop()) if len(steps) == 1 else int(config.teacher.steps)
 
 
 def fractions(results, measure: str = "flops_ratio") -> dict:

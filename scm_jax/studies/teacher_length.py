@@ -4,7 +4,7 @@ steps) at its plateau, the reference the compute study's fractions need?
 sCM Sec. 5 (Fig. 6) states the CMs' training compute as a fraction of the teacher's; that
 fraction means something only if the teacher was trained to convergence. This study trains
 the teacher of the experiment config (its own run, not a shared teacher) extended in order to
-2000, 4000 and 8000 steps (the schedule depends only on the step, so a run extended to N
+2000, 4000, 8000 and 16000 steps (the schedule depends only on the step, so a run extended to N
 steps is a run of N steps), and scores its EMA after each length at every solver length of
 the evaluation (35, 15, 7, 3 NFE). With `--seeds=N` each length is trained N times with
 teacher seeds config.seed + 0..N-1.
@@ -15,7 +15,7 @@ import sys
 
 from scm_jax.studies import runner
 
-LENGTHS = (2000, 4000, 8000)
+LENGTHS = (2000, 4000, 8000, 16000)
 
 
 def runs(size, config):
@@ -56,7 +56,9 @@ def plot(results, path):
                         color=f"C{i}", label=f"{nfe} NFE")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    lengths = sorted({e["steps"] for e in results["runs"].values()})
+    ax.set_xticks(lengths)   # every measured length labelled, nothing between
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set(xlabel="teacher training steps", ylabel="FD (digits classifier)",
            title="teacher quality against training length")
