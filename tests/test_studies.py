@@ -110,7 +110,8 @@ def test_compute_extends_each_run_and_measures_its_cost(tmp_path, teacher_workdi
     # The teacher's compute is that of the checkpoint distilled, not the config's teacher.steps.
     teacher_step = runner.teacher_row(results)["checkpoint_step"]
     assert results["teacher_steps"] == teacher_step
-    longer = dict(results, teachers={"base": dict(rows=[dict(checkpoint_step=5 * teacher_step)])})
+    longer = dict(results, teachers={"base": dict(rows=[
+        dict(r, checkpoint_step=5 * teacher_step) for r in results["teachers"]["base"]["rows"]])})
     assert compute.teacher_steps(longer, load_experiment("digits", "variant=tiny")) == 5 * teacher_step
 
 

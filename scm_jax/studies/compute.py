@@ -62,9 +62,8 @@ def teacher_steps(results, config) -> int:
     """The training steps of the teacher the runs distilled: the step of the checkpoint its
     scores were read from (a `--teacher_workdir` teacher trained longer or shorter than the
     config's `teacher.steps`, e.g. the teacher-length study's), else `teacher.steps`."""
-    steps = {r.get("checkpoint_step") for r in results.get("teachers", {}).get("base", {})
-             .get("rows", [])} - {None}
-    return int(steps.pop()) if len(steps) == 1 else int(config.teacher.steps)
+    row = runner.teacher_row(results)
+    return int(row.get("checkpoint_step", config.teacher.steps) if row else config.teacher.steps)
 
 
 def fractions(results, measure: str = "flops_ratio") -> dict:
