@@ -132,6 +132,20 @@ def test_teacher_length_extends_its_own_teacher_and_scores_each_length(tmp_path)
     assert (tmp_path / "teacher_length.png").stat().st_size > 5000
 
 
+def test_stabilizer_runs_train_for_the_experiments_length():
+    """Past the dip: every full-size run trains its stage's configured steps (digits: sCT 1600,
+    sCD 2500), and the command line's `--config.<stage>.steps` sets them."""
+    config = runner.load_config("experiments/digits.py", "full")
+    runs = stabilizers.runs("full", config)
+    assert len(runs) == 2 * len(stabilizers.VARIANTS)
+    for run in runs:
+        assert run.overrides[0] == f"{run.stage}.steps={int(config[run.stage].steps)}", run
+    assert {r.overrides[0] for r in runs} == {"sct.steps=1600", "scd.steps=2500"}
+    short = runner.load_config("experiments/digits.py", "full", ("sct.steps=400", "scd.steps=400"))
+    assert {r.overrides[0] for r in stabilizers.runs("full", short)} == {"sct.steps=400",
+                                                                       "scd.steps=400"}
+
+
 @pytest.mark.slow
 def test_stabilizers_each_switch_trains_or_is_reported_diverged(tmp_path, teacher_workdir,
                                                                   monkeypatch):
