@@ -26,9 +26,14 @@ A slice and setting where a smaller network of the same family (EDM2 S < M < ...
 one resolution, DiT S < B < L < XL) did not fit at the same stage is not compiled for the wider
 one: it is recorded in `tried` as `fit_source: inferred` with the smaller preset's name and
 bytes (a wider network at the same batch, slice and setting needs at least as much memory).
-The TPU compiler finishes a program that exceeds HBM by less than about 1.5x and reports its
-size (an EDM2 step at v5p-8 without rematerialization: 15-18 minutes), so this saves the
-longest compiles of the search.
+Likewise a consistency stage (sCT, sCD) is not compiled where the same preset's teacher step did
+not fit at the same batch, slice and setting (`fit_source: inferred`, `inferred_from` naming the
+teacher): the CM step holds the same parameter state, a frozen teacher or the data beside it,
+and its tangent pass's activations besides the gradient pass's. The TPU compiler finishes a
+program that exceeds HBM by less than about 1.5x and reports its size (an EDM2 step at v5p-8
+without rematerialization: 15-18 minutes), so this saves the longest compiles of the search;
+one that exceeds it by more can take longer still, and more host memory than this machine has
+(EDM2 ImageNet-512 S sCD at v6e-4 with remat=block: killed at 18.8 GB resident after an hour).
 
 Results are written to --json after every entry, and entries already there are skipped, so an
 interrupted run resumes; `benchmarks/pod_fit_table.py` makes the tables of docs/paper-scale.md
@@ -98,13 +103,30 @@ def smaller_failures(results: dict, preset: str, stage: str, platform: str) -> d
     return out
 
 
+def teacher_failures(results: dict, preset: str, stage: str, platform: str, config) -> dict:
+    """{(slice, remat): ('<preset> teacher', required bytes)} where `preset`'s teacher step did
+    not fit on `platform` (by the compiler or by inference), for a consistency `stage` whose
+    batch and microbatches in `config` are the teacher's: the CM step needs at least the
+    teacher step's memory there."""
+    if stage == "teacher" or (config[stage].batch_size, config[stage].get("microbatches", 1)) != (
+            config.teacher.batch_size, config.teacher.get("microbatches", 1)):
+        return {}
+    out = {}
+    for t in results.get(f"{preset}:teacher:{platform}", {}).get("tried", []):
+        if t.get("fits") is False:
+            out.setdefault((t["topology"], t["remat"]),
+                           (f"{preset} teacher", t.get("required_bytes_per_chip")))
+    return out
+
+
 def fit(spec: str, stage: str, platform: str, log, teacher_entry=None, cache_dir=None,
         smaller=None) -> dict:
     """The smallest slice of `platform` where `stage` fits, with the compile check's report.
     `teacher_entry`: this preset's teacher result on `platform`, whose compile is reused where
     the slice, remat and batch are the same. `smaller` (`smaller_failures`): slices and settings
-    where a smaller network of the same family did not fit; they are not compiled (a wider
-    network at the same batch needs at least its memory) and are recorded as 'inferred'."""
+    where a smaller network of the same family (or this preset's teacher step,
+    `teacher_failures`) did not fit; they are not compiled (a wider network, or a CM step, at
+    the same batch needs at least its memory) and are recorded as 'inferred'."""
     base = configs.load(spec, [f"stage={stage}"])
     state_bytes = STATE_BYTES_PER_PARAM * parameter_count(base, stage)
     smaller = smaller or {}
@@ -123,8 +145,7 @@ def fit(spec: str, stage: str, platform: str, log, teacher_entry=None, cache_dir
                 tried.append(dict(topology=product, remat=remat, fits=False,
                                   fit_source="inferred", inferred_from=other,
                                   required_bytes_per_chip=required))
-                log(f"  {product} remat={remat}: does not fit (inferred: the smaller {other} "
-                    f"does not)")
+                log(f"  {product} remat={remat}: does not fit (inferred: {other} does not)")
                 continue
             start = time.time()
             config = with_settings(spec, stage, topology, remat)
@@ -238,7 +259,10 @@ def _fit_all(args, overrides) -> int:
                          log=lambda m: print(m, file=sys.stderr, flush=True),
                          teacher_entry=results.get(f"{preset}:teacher:{platform}"),
                          cache_dir=cache_dir,
-                         smaller=smaller_failures(results, preset, stage, platform))
+                         smaller=teacher_failures(
+                             results, preset, stage, platform,
+                             configs.load(PRESETS[preset], [f"stage={stage}"]))
+                         | smaller_failures(results, preset, stage, platform))
             report.pop("compiled", None)
             results[key] = report
             save()

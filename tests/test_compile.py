@@ -248,6 +248,19 @@ def test_pod_fit_infers_no_fit_from_a_smaller_network_of_the_family(monkeypatch)
     assert smaller == {("v5p-8", "none"): ("edm2-in512-s", 105 * cc.GIB)}
     assert pod_fit.smaller_failures(results, "edm2-in512-s", "scd", "v5p") == {}
     assert pod_fit.smaller_failures(results, "edm2-in512-l", "teacher", "v5p") == {}
+    # A CM stage is not compiled where its own preset's teacher step did not fit at its batch
+    # (inferred answers count: they stand for a compiler's answer).
+    results["edm2-in512-l:teacher:v5p"] = dict(fits=True, tried=[
+        failed, dict(failed, remat="block", fit_source="inferred", required_bytes_per_chip=None)])
+    config = pod_fit.configs.load(pod_fit.PRESETS["edm2-in512-l"], ["stage=scd"])
+    assert pod_fit.teacher_failures(results, "edm2-in512-l", "scd", "v5p", config) == {
+        ("v5p-8", "none"): ("edm2-in512-l teacher", 105 * cc.GIB),
+        ("v5p-8", "block"): ("edm2-in512-l teacher", None)}
+    assert pod_fit.teacher_failures(results, "edm2-in512-l", "teacher", "v5p", config) == {}
+    assert pod_fit.teacher_failures(results, "edm2-in512-l", "scd", "v6e", config) == {}
+    with config.unlocked():
+        config.scd.batch_size //= 2   # a smaller CM batch may fit where the teacher's did not
+    assert pod_fit.teacher_failures(results, "edm2-in512-l", "scd", "v5p", config) == {}
     calls = []
 
     def check(config, stage, topology, **kw):
