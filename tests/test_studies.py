@@ -7,8 +7,8 @@ import os
 import pytest
 
 from scm_jax import train
-from scm_jax.studies import (compute, continuous_vs_discrete, posthoc, robustness, runner,
-                             stabilizers, teacher_length, vsd_vs_scd)
+from scm_jax.studies import (avsd_sweep, compute, continuous_vs_discrete, posthoc, robustness,
+                             runner, stabilizers, teacher_length, vsd_vs_scd)
 from tests.helpers import load_experiment
 
 
@@ -91,6 +91,53 @@ def test_vsd_vs_scd_scores_each_method_at_its_guidance(tmp_path, teacher_workdir
         assert {r["guidance"] for r in entry["rows"]} == {1.5}
     teacher = results["teachers"]["base"]["rows"]
     assert {r["guidance"] for r in teacher} == {1.5}
+
+
+@pytest.mark.slow
+def test_avsd_sweep_extends_one_setting_and_ranks_the_aVSD_runs(tmp_path, teacher_workdir):
+    results, _ = _run(avsd_sweep, tmp_path, teacher_workdir)
+    runs = results["runs"]
+    assert set(runs) == {"scd_vsd_l0.1", "scd_vsd_l0.1_8", "vsd_flr10"}
+    for entry in runs.values():
+        _scored(entry)
+        assert {r["checkpoint_step"] for r in entry["rows"]} == {entry["steps"]}
+    # The longer point is the 4-step run extended: one folder, scored at 4 and at 8 steps.
+    assert runs["scd_vsd_l0.1"]["directory"] == runs["scd_vsd_l0.1_8"]["directory"]
+    assert "scd_vsd.vsd.weight=0.1" in runs["scd_vsd_l0.1_8"]["overrides"]
+    lr = float(load_experiment("digits", "variant=tiny").vsd.optimizer.lr)
+    assert f"vsd.vsd.fake_lr={10 * lr:.3g}" in runs["vsd_flr10"]["overrides"]
+    rid, row = avsd_sweep.best(results, 1)
+    assert row["fd"] == min(runner.best_row(e, 1)["fd"] for e in runs.values())
+    assert [r[0] for r in avsd_sweep.table(results)] == list(runs)
+
+
+@pytest.mark.slow
+def test_lambda_acts_on_avsd_alone_only_through_adams_epsilon(tmp_path, teacher_workdir):
+    """Why the sweep varies lambda only beside the sCD term: for aVSD alone every gradient (the
+    generator's and w_psi's) is lambda times that at lambda 1, so with Adam's epsilon at ~0
+    lambda 4 trains the generator lambda 1 does, to float32 rounding; at the default epsilon
+    it does not (F_phi starts as the teacher, so the aVSD direction and the generator's
+    gradient start near 0, where epsilon dominates Adam's step)."""
+    import jax
+    import numpy as np
+
+    from scm_jax import stage_restore
+
+    def trained(weight, eps):
+        config = load_experiment("digits", "variant=tiny", (f"vsd.vsd.weight={weight}",
+                                                            f"vsd.optimizer.eps={eps}"))
+        config.teacher.checkpoint_dir = os.path.join(teacher_workdir, "teacher")
+        workdir = str(tmp_path / f"w{weight}_{eps}")
+        train.train_stage(config, "vsd", workdir, log=lambda m: None)
+        return stage_restore.restore_stage_ema(config, "vsd", workdir, log=lambda m: None)[0]
+
+    def gap(a, b):
+        return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    default_eps = gap(trained(1.0, 1e-8), trained(4.0, 1e-8))
+    no_eps = gap(trained(1.0, 1e-30), trained(4.0, 1e-30))
+    assert default_eps > 0 and no_eps <= 0.05 * default_eps, (no_eps, default_eps)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
     python -m scm_jax.studies.continuous_vs_discrete --workdir=DIR   # sCM Fig. 5(c)
     python -m scm_jax.studies.vsd_vs_scd --workdir=DIR               # Fig. 7, Table 7
+    python -m scm_jax.studies.avsd_sweep --workdir=DIR               # aVSD's lambda, F_phi lr, length
     python -m scm_jax.studies.compute --workdir=DIR                  # quality vs training compute
     python -m scm_jax.studies.stabilizers --workdir=DIR              # Sec. 4 ablations
     python -m scm_jax.studies.robustness --workdir=DIR               # the defaults, other seeds
