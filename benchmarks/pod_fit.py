@@ -32,8 +32,9 @@ teacher): the CM step holds the same parameter state, a frozen teacher or the da
 and its tangent pass's activations besides the gradient pass's. The TPU compiler finishes a
 program that exceeds HBM by less than about 1.5x and reports its size (an EDM2 step at v5p-8
 without rematerialization: 15-18 minutes), so this saves the longest compiles of the search;
-one that exceeds it by more can take longer still, and more host memory than this machine has
-(EDM2 ImageNet-512 S sCD at v6e-4 with remat=block: killed at 18.8 GB resident after an hour).
+one that exceeds it by more can take longer still, and more host memory than a 24 GiB machine
+spares beside another job (EDM2 ImageNet-512 S sCD for v6e-4 and v6e-8 with remat=block: each
+killed by the host's out-of-memory at 18.8-18.9 GB resident, after 45-60 minutes).
 
 Results are written to --json after every entry, and entries already there are skipped, so an
 interrupted run resumes; `benchmarks/pod_fit_table.py` makes the tables of docs/paper-scale.md
