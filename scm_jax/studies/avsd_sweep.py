@@ -20,7 +20,6 @@ sCD + aVSD and the best aVSD alone).
 """
 import sys
 
-
 from scm_jax.studies import runner
 
 STEPS = 600
@@ -33,28 +32,32 @@ def _fake_lr(config, stage: str, factor: float) -> float:
     return float(f"{float(config[stage].optimizer.lr) * factor:.3g}")
 
 
+def _lambda_run(lam, steps):
+    return runner.Run(
+        f"scd_vsd_l{lam:g}", "scd_vsd", (f"scd_vsd.vsd.weight={lam}", f"scd_vsd.steps={steps}"),
+        label=f"sCD + {lam:g} aVSD", group="lambda", x=lam, directory=f"scd_vsd_l{lam:g}")
+
+
+def _long_run(steps):
+    """sCD + LONG_LAMBDA aVSD extended to `steps` (the folder of its `_lambda_run`)."""
+    return runner.Run(
+        f"scd_vsd_l{LONG_LAMBDA:g}_{steps}", "scd_vsd",
+        (f"scd_vsd.vsd.weight={LONG_LAMBDA}", f"scd_vsd.steps={steps}"),
+        label=f"sCD + {LONG_LAMBDA:g} aVSD, {steps} steps", group="length", x=steps,
+        directory=f"scd_vsd_l{LONG_LAMBDA:g}")
+
+
+def _vsd_run(config, factor, steps):
+    lr = (f"vsd.vsd.fake_lr={_fake_lr(config, 'vsd', factor)}",) if factor != 1 else ()
+    return runner.Run(f"vsd_flr{factor:g}", "vsd", lr + (f"vsd.steps={steps}",),
+                      label=f"aVSD, F_phi lr {factor:g}x", group="vsd", x=factor)
+
+
 def runs(size, config):
     if size != "full":   # the test size: one of each kind, and one extension
         n = int(config.scd_vsd.steps)
-        return [
-            runner.Run("scd_vsd_l0.1", "scd_vsd", ("scd_vsd.vsd.weight=0.1", f"scd_vsd.steps={n}"),
-                       label="sCD + 0.1 aVSD", group="lambda", x=0.1, directory="scd_vsd_l0.1"),
-            runner.Run(f"scd_vsd_l0.1_{2 * n}", "scd_vsd",
-                       ("scd_vsd.vsd.weight=0.1", f"scd_vsd.steps={2 * n}"),
-                       label=f"sCD + 0.1 aVSD, {2 * n} steps", group="length", x=2 * n,
-                       directory="scd_vsd_l0.1"),
-            runner.Run("vsd_flr10", "vsd", (f"vsd.vsd.fake_lr={_fake_lr(config, 'vsd', 10)}",),
-                       label="aVSD, F_phi lr 10x", group="vsd", x=10),
-        ]
-    def lam_run(lam):
-        return runner.Run(
-            f"scd_vsd_l{lam:g}", "scd_vsd", (f"scd_vsd.vsd.weight={lam}", f"scd_vsd.steps={STEPS}"),
-            label=f"sCD + {lam:g} aVSD", group="lambda", x=lam, directory=f"scd_vsd_l{lam:g}")
-
-    def vsd_run(factor):
-        lr = (f"vsd.vsd.fake_lr={_fake_lr(config, 'vsd', factor)}",) if factor != 1 else ()
-        return runner.Run(f"vsd_flr{factor:g}", "vsd", lr + (f"vsd.steps={STEPS}",),
-                          label=f"aVSD, F_phi lr {factor:g}x", group="vsd", x=factor)
+        return [_lambda_run(0.1, n), _long_run(2 * n),
+                _vsd_run(config, 10, int(config.vsd.steps))]
 
     def flr_run(factor):
         return runner.Run(
@@ -63,13 +66,6 @@ def runs(size, config):
              f"scd_vsd.vsd.fake_lr={_fake_lr(config, 'scd_vsd', factor)}",
              f"scd_vsd.steps={STEPS}"),
             label=f"sCD + {LONG_LAMBDA:g} aVSD, F_phi lr {factor:g}x", group="flr", x=factor)
-
-    def long_run(n):
-        return runner.Run(
-            f"scd_vsd_l{LONG_LAMBDA:g}_{n}", "scd_vsd",
-            (f"scd_vsd.vsd.weight={LONG_LAMBDA}", f"scd_vsd.steps={n}"),
-            label=f"sCD + {LONG_LAMBDA:g} aVSD, {n} steps", group="length", x=n,
-            directory=f"scd_vsd_l{LONG_LAMBDA:g}")
 
     def vsd_long_run(n):
         factor = LONG_FAKE_LR
@@ -82,9 +78,11 @@ def runs(size, config):
     # In the order of what each answers: lambda, F_phi's lr (alone, with sCD), length; Table
     # 5's settings (lambda 1, F_phi at the CM's lr: the pipeline's own runs), then the
     # equal-length sCD reference (the compute study has sCD at 400 and 800 steps).
-    return ([lam_run(0.1), lam_run(0.3), vsd_run(10), flr_run(10)]
-            + [long_run(n) for n in LONG] + [vsd_long_run(n) for n in LONG]
-            + [lam_run(1.0), vsd_run(3), vsd_run(1), flr_run(3),
+    return ([_lambda_run(0.1, STEPS), _lambda_run(0.3, STEPS), _vsd_run(config, 10, STEPS),
+             flr_run(10)]
+            + [_long_run(n) for n in LONG] + [vsd_long_run(n) for n in LONG]
+            + [_lambda_run(1.0, STEPS), _vsd_run(config, 3, STEPS), _vsd_run(config, 1, STEPS),
+               flr_run(3),
                runner.Run(f"scd_{STEPS}", "scd", (f"scd.steps={STEPS}",),
                           label=f"sCD, {STEPS} steps", group="scd", x=STEPS)])
 
@@ -102,9 +100,10 @@ def table(results) -> list:
 
 def best(results, nfe: int = 1):
     """(run id, row) of the lowest `nfe`-step FD among the aVSD runs (sCD + aVSD or alone)."""
-    rows = [(rid, r4 if nfe == 1 else r2) for rid, _, _, r4, r2 in table(results)
-            if "vsd" in rid and (r4 if nfe == 1 else r2)]
-    return min(rows, key=lambda x: x[1]["fd"], default=(None, None))
+    rows = [(rid, runner.best_row(e, nfe)) for rid, e in results["runs"].items()
+            if "vsd" in rid and e.get("status") == "done"]
+    return min(((rid, r) for rid, r in rows if r), key=lambda x: x[1]["fd"],
+               default=(None, None))
 
 
 def _series(results, group: str, first: str = ""):
