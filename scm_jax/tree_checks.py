@@ -89,7 +89,13 @@ def finite(tree) -> jax.Array:
     are). Traceable: the train step guards its update with it."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    if not leaves:
+        return jnp.bool_(True)
+    # One reduction over int32 flags, not jnp.all over the stacked booleans: XLA rewrites the
+    # latter as a chain of one `and` per leaf, which the step's fusion then copies into every
+    # consumer (every leaf's select of the non-finite guard): quadratic in the leaf count. The
+    # digits aVSD step held 451k `and`s and compiled in 3.5 minutes (tests/test_tree_checks.py).
+    return jnp.min(jnp.stack(leaves).astype(jnp.int32)) > 0
 
 
 def all_finite(tree) -> bool:
