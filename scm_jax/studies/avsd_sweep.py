@@ -48,8 +48,10 @@ def _long_run(steps):
 
 
 def _vsd_run(config, factor, steps):
-    lr = (f"vsd.vsd.fake_lr={_fake_lr(config, 'vsd', factor)}",) if factor != 1 else ()
-    return runner.Run(f"vsd_flr{factor:g}", "vsd", lr + (f"vsd.steps={steps}",),
+    """aVSD alone with F_phi's lr at `factor` times the CM's (always named: the digits default
+    is not the CM's lr)."""
+    return runner.Run(f"vsd_flr{factor:g}", "vsd",
+                      (f"vsd.vsd.fake_lr={_fake_lr(config, 'vsd', factor)}", f"vsd.steps={steps}"),
                       label=f"aVSD, F_phi lr {factor:g}x", group="vsd", x=factor)
 
 
@@ -76,8 +78,7 @@ def runs(size, config):
             directory=f"vsd_flr{factor:g}")
 
     # In the order of what each answers: lambda, F_phi's lr (alone, with sCD), length; Table
-    # 5's settings (lambda 1, F_phi at the CM's lr: the pipeline's own runs), then the
-    # equal-length sCD reference (the compute study has sCD at 400 and 800 steps).
+    # 5's settings (lambda 1, F_phi at the CM's lr), then the equal-length sCD reference (the compute study has sCD at 400 and 800 steps).
     return ([_lambda_run(0.1, STEPS), _lambda_run(0.3, STEPS), _vsd_run(config, 10, STEPS),
              flr_run(10)]
             + [_long_run(n) for n in LONG] + [vsd_long_run(n) for n in LONG]
