@@ -40,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.dry_run = False
     config.pipeline = ("teacher", "scd", "sct", "dscd", "vsd", "scd_vsd", "eval")
+    # After the teacher, two of the consistency stages train side by side (scm_jax/pipeline.py):
+    # one digits step keeps ~1.3 of a 2-core CPU's cores busy and a compile one.
+    config.pipeline_workers = 2
     config.data = ml_collections.ConfigDict(dict(name="digits", holdout=297, sigma_d=0.75))
     config.model = ml_collections.ConfigDict(dict(
         name="unet",

@@ -9,8 +9,13 @@ CheckpointMismatchError naming the directory and the entries, raised before anyt
 written. What a stage means (`config.json`) is `stage_identity`; restoring another stage's EMA
 is `stage_restore`.
 
-Directories go through `etils.epath` (local paths and buckets alike).
+Directories go through `etils.epath` (local paths and buckets alike). Stores of stages trained
+side by side on threads of one process (`pipeline.py`) make their orbax calls one at a time
+(`_ORBAX_CALLS`): two managers saving at once from two threads collide in orbax's temporary
+folders (FileExistsError, tests/test_pipeline_workers.py); the background writes still overlap.
 """
+import threading
+
 import orbax.checkpoint as ocp
 
 from scm_jax import files
@@ -21,6 +26,7 @@ from scm_jax.tree_checks import compare_trees, fingerprints
 # The data-position entry of a checkpoint whose weights were imported (`import_teacher`): no
 # data was read, so a resumed run starts its data pipeline at the beginning.
 IMPORTED = "imported"
+_ORBAX_CALLS = threading.RLock()   # see the module's docstring
 QUARANTINE_PREFIX = "corrupt-"   # checkpoints/corrupt-<step>-<time>: set aside, kept for forensics
 
 
@@ -93,7 +99,8 @@ class CheckpointStore:
     def wait(self) -> None:
         """Waits for the save in flight; CheckpointSaveError if it failed."""
         try:
-            self.manager.wait_until_finished()
+            with _ORBAX_CALLS:
+                self.manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001 - whatever the storage layer raised
             raise self._failed(err) from err
         self.check()
@@ -105,9 +112,10 @@ class CheckpointStore:
         integrity = dict(format="fingerprint-u32-v1", arrays=fingerprints(state))
         self._pending = step
         try:
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
-                integrity=ocp.args.JsonSave(integrity)), force=force)
+            with _ORBAX_CALLS:
+                self.manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
+                    integrity=ocp.args.JsonSave(integrity)), force=force)
         except Exception as err:  # noqa: BLE001 - the storage layer's error, named
             raise self._failed(err) from err
 
@@ -116,7 +124,8 @@ class CheckpointStore:
 
     def _saved_tree(self, step):
         try:
-            meta = self.manager.item_metadata(step)
+            with _ORBAX_CALLS:
+                meta = self.manager.item_metadata(step)
         except Exception as err:  # noqa: BLE001 - unreadable metadata means a corrupt checkpoint
             raise CorruptCheckpointError(f"checkpoint at {self._where(step)} is unreadable: "
                                          f"{err}") from err
@@ -127,9 +136,10 @@ class CheckpointStore:
         """Restores the state (per `state_args`) and the JSON items, as CorruptCheckpointError
         when the files cannot be read."""
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(
-                state=state_args, data=ocp.args.JsonRestore(),
-                integrity=ocp.args.JsonRestore()))
+            with _ORBAX_CALLS:
+                return self.manager.restore(step, args=ocp.args.Composite(
+                    state=state_args, data=ocp.args.JsonRestore(),
+                    integrity=ocp.args.JsonRestore()))
         except Exception as err:  # noqa: BLE001 - orbax raises many types for bad checkpoints
             raise CorruptCheckpointError(
                 f"checkpoint at {where} could not be read: {type(err).__name__}: "
@@ -221,7 +231,8 @@ class CheckpointStore:
         try:
             self.wait()
         finally:
-            self.manager.close()
+            with _ORBAX_CALLS:
+                self.manager.close()
 
 
 def _pick(saved, subtree, where, depth: int = 3):

@@ -23,6 +23,9 @@ def validate(config) -> None:
           f"one of {stages + (EVAL, ALL)}")
     check(all(name in stages + (EVAL,) for name in config.pipeline), "pipeline",
           tuple(config.pipeline), f"stages among {stages + (EVAL,)}")
+    workers = config.get("pipeline_workers", 1)
+    check(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1,
+          "pipeline_workers", workers, "an integer >= 1 (training stages side by side)")
     if config.data.name not in data_lib.DATASETS:
         raise ConfigError(f"config.data.name = {config.data.name!r} is invalid: expected one "
                           f"of {data_lib.DATASETS}")

@@ -4,6 +4,7 @@ An experiment (`experiments/<dataset>.py`) defines `get_config(arg)` returning
 
     config.stage            a training stage's name | 'eval' | 'all' (config.pipeline in order)
     config.pipeline         the stages 'all' runs
+    config.pipeline_workers optional (default 1): training stages 'all' may run side by side
     config.seed, .dry_run
     config.data / .model / .mesh / .eval
     config.<stage>          one section per training stage; its `objective` names a class of

@@ -2,7 +2,9 @@
                                       [--config.<key>=<value> ...] [--distributed ...]
 
 Runs config.stage: a training stage (teacher | scd | sct | dscd | ...), eval, or 'all'
-(config.pipeline in order, each stage in <workdir>/<stage>, skipping work already done).
+(config.pipeline in order, each stage in <workdir>/<stage>, skipping work already done; with
+config.pipeline_workers > 1 the stages that wait only for finished ones side by side:
+`scm_jax/pipeline.py`).
 Re-running the same command resumes from the last checkpoints.
 
 Multi-process runs start one process per host (or per group of devices) with --distributed:
@@ -19,21 +21,21 @@ import sys
 
 def run(config, workdir, *, log=print) -> None:
     """Dispatches config.stage. Importable so tests and notebooks can call it directly."""
-    from scm_jax import config_checks, configs, files, train
+    from scm_jax import config_checks, configs, pipeline, train
 
     config_checks.validate(config)
     if config.dry_run:
         dry_run(config, log=log)
         return
-    for name in configs.pipeline(config):
-        if name == configs.EVAL:
-            from scm_jax import evaluate
 
-            evaluate.evaluate_all(config, workdir, log=log)
-        else:
-            if files.is_primary():
-                log(f"=== stage {name} ===")
-            train.train_stage(config, name, workdir, log=log)
+    def evaluate_all():
+        from scm_jax import evaluate
+
+        evaluate.evaluate_all(config, workdir, log=log)
+
+    pipeline.run(config, configs.pipeline(config),
+                 lambda name: train.train_stage(config, name, workdir, log=log), evaluate_all,
+                 log=log)
 
 
 def dry_run(config, *, log=print) -> int:

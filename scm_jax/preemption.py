@@ -8,7 +8,8 @@ collective). The loop reads that maximum one step late, so the host never waits 
 just dispatched; every process reads the same value at the same step, so all stop after the
 same step, save it, and exit with status 128 + the signal's number (143 for SIGTERM, 130 for
 SIGINT). Re-running the same command resumes from that checkpoint. A second SIGINT aborts at
-once (KeyboardInterrupt).
+once (KeyboardInterrupt). Stages trained side by side on worker threads (`pipeline.py`) follow
+the main thread's `SharedStop` instead, which also stops them when one of them fails.
 """
 import signal
 import threading
@@ -54,9 +55,50 @@ def with_stop_signal(step):
     return step_with_signal
 
 
+# A stop for every stage this process trains: set by `SharedStop` (the pipeline's main thread,
+# while its stages train on worker threads, where signal handlers cannot be installed) on a
+# signal, or by `request_stop` when another stage failed.
+_SHARED = {"signum": None}
+
+
+def request_stop(signum: int = signal.SIGTERM) -> None:
+    """Asks every stage training in this process to stop at its next step, with a checkpoint."""
+    _SHARED["signum"] = _SHARED["signum"] or signum
+
+
+def stop_requested() -> bool:
+    """True once `request_stop` or `SharedStop`'s signal asked every stage to stop."""
+    return _SHARED["signum"] is not None
+
+
+class SharedStop:
+    """Context manager for the main thread while stages train on other threads: the first
+    SIGTERM / SIGINT stops every stage (`request_stop`); a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if _SHARED["signum"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request_stop(signum)
+
+    def __enter__(self):
+        _SHARED["signum"] = None
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        _SHARED["signum"] = None
+
+
 class SignalWatch:
-    """Context manager: records SIGTERM / SIGINT (main thread only; elsewhere it watches nothing)
-    and gives the step its flags."""
+    """Context manager: records SIGTERM / SIGINT (main thread only; elsewhere it watches nothing
+    itself and follows `SharedStop` / `request_stop`) and gives the step its flags."""
 
     def __init__(self, mesh):
         self.mesh = mesh
@@ -82,7 +124,7 @@ class SignalWatch:
 
     def flags(self):
         """This process's flag on each of its devices, as the global int32 [devices] array."""
-        value = int(self.signum is not None)
+        value = int(self.signum is not None or stop_requested())
         if value not in self._arrays:
             local = np.full((len(self.mesh.local_devices),), value, np.int32)
             self._arrays[value] = jax.make_array_from_process_local_data(
@@ -92,4 +134,4 @@ class SignalWatch:
     def reported_signal(self) -> int:
         """The signal a stop reports: this process's own, or SIGTERM when only another process
         received one."""
-        return self.signum or signal.SIGTERM
+        return self.signum or _SHARED["signum"] or signal.SIGTERM
