@@ -73,7 +73,7 @@ def run(config, stages: tuple, train_one, eval_all, *, log=print) -> None:
                 if len(running) >= n:
                     break
                 pending.remove(name)
-                _announce(name, log, side_by_side=True)
+                _announce(name, log, beside=sorted(running.values()))
                 running[pool.submit(train_one, name)] = name
             if not running:
                 if failure is not None or not pending:
@@ -96,6 +96,6 @@ def run(config, stages: tuple, train_one, eval_all, *, log=print) -> None:
         raise failure
 
 
-def _announce(name: str, log, side_by_side: bool = False) -> None:
+def _announce(name: str, log, beside=()) -> None:
     if files.is_primary():
-        log(f"=== stage {name} ===" + (" (side by side)" if side_by_side else ""))
+        log(f"=== stage {name} ===" + (f" (beside {', '.join(beside)})" if beside else ""))

@@ -55,8 +55,11 @@ def test_two_workers_run_the_consistency_stages_side_by_side_and_evaluate_last()
         with lock:
             events.append(("end", name))
 
+    lines = []
     pipeline.run(_config(2), ORDER, train_one, lambda: events.append(("eval", "eval")),
-                 log=lambda m: None)
+                 log=lines.append)
+    assert lines[:3] == ["=== stage teacher ===", "=== stage scd ===",
+                         "=== stage sct === (beside scd)"], lines
     starts = [n for kind, n in events if kind == "start"]
     assert starts[0] == "teacher" and set(starts[1:]) == set(ORDER[1:-1])
     assert events.index(("end", "teacher")) < events.index(("start", "scd"))

@@ -93,6 +93,18 @@ def test_vsd_vs_scd_scores_each_method_at_its_guidance(tmp_path, teacher_workdir
     assert {r["guidance"] for r in teacher} == {1.5}
 
 
+def test_vsd_vs_scd_trains_avsd_at_table_5s_settings_not_the_tuned_defaults():
+    config = runner.load_config("experiments/digits.py", "full")
+    assert config.vsd.vsd.fake_lr > 0 and config.scd_vsd.vsd.weight != 1.0   # tuned defaults
+    for run in vsd_vs_scd.runs("full", config):
+        if run.stage in ("vsd", "scd_vsd"):
+            assert run.overrides[0] == f"{run.stage}.steps=600"
+            assert {f"{run.stage}.vsd.weight=1.0", f"{run.stage}.vsd.fake_lr=0.0"} <= set(
+                run.overrides), run
+            cfg = runner.load_config("experiments/digits.py", "full", run.overrides)
+            assert (cfg[run.stage].vsd.weight, cfg[run.stage].vsd.fake_lr) == (1.0, 0.0)
+
+
 @pytest.mark.slow
 def test_avsd_sweep_extends_one_setting_and_ranks_the_aVSD_runs(tmp_path, teacher_workdir):
     results, _ = _run(avsd_sweep, tmp_path, teacher_workdir)

@@ -17,6 +17,10 @@ from scm_jax.studies import runner
 SCALES = (1.0, 1.5, 2.0)
 METHODS = (("scd", "sCD"), ("vsd", "aVSD"), ("scd_vsd", "sCD + aVSD"))
 STEPS = 600
+# Table 5's aVSD settings (lambda 1, F_phi at the CM's lr), not the digits defaults (tuned by
+# scm_jax.studies.avsd_sweep): this study compares the paper's methods as the paper sets them.
+TABLE5 = {"vsd": ("vsd.vsd.weight=1.0", "vsd.vsd.fake_lr=0.0"),
+          "scd_vsd": ("scd_vsd.vsd.weight=1.0", "scd_vsd.vsd.fake_lr=0.0")}
 
 
 def runs(size, config):
@@ -28,7 +32,7 @@ def runs(size, config):
             out.append(runner.Run(
                 f"{stage}_g{s:g}", stage,
                 (f"{stage}.steps={n}", f"{stage}.guidance.scale_min={s}",
-                 f"{stage}.guidance.scale_max={s}"),
+                 f"{stage}.guidance.scale_max={s}") + TABLE5.get(stage, ()),
                 label=f"{label} g={s:g}", group=stage, x=s))
     return out
 
