@@ -6,11 +6,12 @@ guided student its guiding network's stage (`guide_stage`); 'eval' reads every t
 before it in the pipeline. With one worker (the default) the stages run in the pipeline's
 order. With more, each stage that waits only for finished ones starts on a worker thread of
 this process, as its own jitted program on the same devices, and logs under its own name. That
-is for one process on a machine the stages do not fill: on the digits pipeline (a 0.7 M
-parameter U-Net on a 2-core CPU) one step keeps about 1.3 cores busy and compiles use one, so
-two stages side by side shorten the pipeline; on accelerators two stages also share the
-devices' memory. Every stage computes what it computes in order: it depends only on its own
-config and the finished stages it reads (tests/test_pipeline.py).
+is for one process (a multi-process run trains its stages in order) on a machine the stages do
+not fill: on the digits pipeline (a 0.7 M parameter U-Net on a 2-core CPU) one step keeps about
+1.3 cores busy and compiles use one, so two stages side by side shorten the pipeline; on
+accelerators two stages also share the devices' memory. Every stage computes what it computes
+in order: it depends only on its own config and the finished stages it reads
+(tests/test_pipeline_workers.py).
 
 A SIGTERM or SIGINT stops every running stage at its next step with a checkpoint (exit 143 /
 130, re-run to resume), as in order; when a stage fails, the others stop the same way and the
@@ -24,14 +25,17 @@ from scm_jax import configs, files, objectives, preemption
 from scm_jax.errors import ConfigError
 
 
-def workers(config) -> int:
-    """config.pipeline_workers (default 1), checked: side by side only in a single process."""
+def workers(config, log=print) -> int:
+    """config.pipeline_workers (default 1), checked; 1 in a multi-process run, where every
+    process must train the same stage at the same time (its collectives and barriers)."""
     n = config.get("pipeline_workers", 1)
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"config.pipeline_workers = {n!r} is invalid: expected an integer >= 1")
     if n > 1 and jax.process_count() > 1:
-        raise ConfigError(f"config.pipeline_workers = {n} needs a single process; this run has "
-                          f"{jax.process_count()} (set it to 1: every process trains each stage)")
+        if files.is_primary():
+            log(f"config.pipeline_workers = {n}: {jax.process_count()} processes train the "
+                f"stages in order (side by side only in a single process)")
+        return 1
     return n
 
 
@@ -48,7 +52,7 @@ def needs(config, name: str, order: tuple) -> set:
 def run(config, stages: tuple, train_one, eval_all, *, log=print) -> None:
     """Runs `stages` (config.pipeline's order): train_one(name) per training stage, eval_all()
     for 'eval', with up to `workers(config)` training stages at a time."""
-    n = workers(config)
+    n = workers(config, log)
     if n == 1:
         for name in stages:
             _announce(name, log)

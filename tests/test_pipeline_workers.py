@@ -129,3 +129,11 @@ def test_side_by_side_stages_train_what_they_train_in_order(tmp_path):
     for stage in ("teacher", "scd", "sct"):
         a = _fingerprints(tmp_path / "apart", stage)
         assert len(a) > 100 and a == _fingerprints(tmp_path / "together", stage), stage
+
+
+def test_a_multi_process_run_trains_its_stages_in_order(monkeypatch):
+    monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
+    lines = []
+    assert pipeline.workers(_config(2), lines.append) == 1
+    assert lines and "2 processes train the stages in order" in lines[0]
+    assert pipeline.workers(_config(1), lines.append) == 1 and len(lines) == 1

@@ -120,12 +120,14 @@ def test_killed_run_resumes_to_the_same_parameters(teacher_dir, tmp_path, monkey
     rows = (tmp_path / "killed" / "vsd" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5]
     # Both networks that start from the teacher's EMA did (sCM App. G.2; the fake score's
-    # start is our choice): the fake score moved from it by a few Adam steps only.
+    # start is our choice): the fake score moved from it by a few Adam steps only (each moves
+    # a weight by about the learning rate at most).
+    fake_lr = config.vsd.vsd.fake_lr or config.vsd.optimizer.lr
     teacher_ema = stage_restore.restore_stage_ema(config, "teacher",
                                                   os.path.dirname(teacher_dir))[0]
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
              zip(jax.tree.leaves(straight.nets["fake"].params), jax.tree.leaves(teacher_ema))]
-    assert 0 < max(moved) < 0.01
+    assert 0 < max(moved) < 1.5 * config.vsd.steps * fake_lr
 
 
 @pytest.mark.parametrize("key,value,expected", [
