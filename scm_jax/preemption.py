@@ -71,45 +71,15 @@ def stop_requested() -> bool:
     return _SHARED["signum"] is not None
 
 
-class SharedStop:
-    """Context manager for the main thread while stages train on other threads: the first
-    SIGTERM / SIGINT stops every stage (`request_stop`); a second SIGINT aborts at once."""
+class _SignalHandlers:
+    """Installs `_handler` for SIGTERM and SIGINT on enter (main thread only: elsewhere signal
+    handlers cannot be installed) and puts the previous ones back on exit."""
 
     def __init__(self):
         self._previous = {}
 
     def _handler(self, signum, frame):
-        if _SHARED["signum"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        request_stop(signum)
-
-    def __enter__(self):
-        _SHARED["signum"] = None
-        for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-        _SHARED["signum"] = None
-
-
-class SignalWatch:
-    """Context manager: records SIGTERM / SIGINT (main thread only; elsewhere it watches nothing
-    itself and follows `SharedStop` / `request_stop`) and gives the step its flags."""
-
-    def __init__(self, mesh):
-        self.mesh = mesh
-        self.signum = None
-        self._previous = {}
-        self._arrays = {}
-
-    def _handler(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt   # a second Ctrl-C: stop now
-        self.signum = self.signum or signum
+        raise NotImplementedError
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -121,6 +91,40 @@ class SignalWatch:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class SharedStop(_SignalHandlers):
+    """Context manager for the main thread while stages train on other threads: the first
+    SIGTERM / SIGINT stops every stage (`request_stop`); a second SIGINT aborts at once."""
+
+    def _handler(self, signum, frame):
+        if _SHARED["signum"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request_stop(signum)
+
+    def __enter__(self):
+        _SHARED["signum"] = None
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        _SHARED["signum"] = None
+
+
+class SignalWatch(_SignalHandlers):
+    """Context manager: records SIGTERM / SIGINT (main thread only; elsewhere it watches nothing
+    itself and follows `SharedStop` / `request_stop`) and gives the step its flags."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.signum = None
+        self._arrays = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt   # a second Ctrl-C: stop now
+        self.signum = self.signum or signum
 
     def flags(self):
         """This process's flag on each of its devices, as the global int32 [devices] array."""
