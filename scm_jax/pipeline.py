@@ -22,15 +22,13 @@ import concurrent.futures
 import jax
 
 from scm_jax import configs, files, objectives, preemption
-from scm_jax.errors import ConfigError
 
 
 def workers(config, log=print) -> int:
-    """config.pipeline_workers (default 1), checked; 1 in a multi-process run, where every
-    process must train the same stage at the same time (its collectives and barriers)."""
-    n = config.get("pipeline_workers", 1)
-    if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"config.pipeline_workers = {n!r} is invalid: expected an integer >= 1")
+    """config.pipeline_workers (default 1; checked by `config_checks.validate`); 1 in a
+    multi-process run, where every process must train the same stage at the same time (its
+    collectives and barriers)."""
+    n = int(config.get("pipeline_workers", 1))
     if n > 1 and jax.process_count() > 1:
         if files.is_primary():
             log(f"config.pipeline_workers = {n}: {jax.process_count()} processes train the "

@@ -72,14 +72,12 @@ def stop_requested() -> bool:
 
 
 class _SignalHandlers:
-    """Installs `_handler` for SIGTERM and SIGINT on enter (main thread only: elsewhere signal
-    handlers cannot be installed) and puts the previous ones back on exit."""
+    """Installs the subclass's `_handler(signum, frame)` for SIGTERM and SIGINT on enter (main
+    thread only: elsewhere signal handlers cannot be installed) and puts the previous ones back
+    on exit."""
 
     def __init__(self):
         self._previous = {}
-
-    def _handler(self, signum, frame):
-        raise NotImplementedError
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
