@@ -4,6 +4,7 @@ raised. One tiny teacher serves every study (--teacher_workdir)."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from scm_jax import train
@@ -205,6 +206,40 @@ def test_stabilizer_runs_train_for_the_experiments_length():
                                                                        "scd.steps=400"}
 
 
+def _fake_entry(stage, fds_by_nfe, status="done"):
+    """A finished run's entry with one seed per column of fds_by_nfe ({nfe: [fd per seed]})."""
+    def rows(k):
+        return [dict(id=f"{stage}_{nfe}", nfe=nfe, guidance=1.0, fd=float(v[k]))
+                for nfe, v in fds_by_nfe.items()]
+    n = len(next(iter(fds_by_nfe.values())))
+    return dict(stage=stage, group=stage, status=status, rows=rows(0) if status == "done" else [],
+                seeds={str(k): dict(status="done", rows=rows(k)) for k in range(1, n)})
+
+
+def test_stabilizers_table_marks_only_differences_beyond_the_spread():
+    rng = np.random.default_rng()
+    base = rng.uniform(1.5, 3.0, size=(2, 3))          # nfe x seed around a random mean
+    spread = base.std(axis=1, ddof=1).max()
+    far = base + 5.0 * (spread + 0.1)                  # clearly worse
+    near = base + rng.uniform(-0.2, 0.2) * spread      # inside the spread
+    results = dict(runs=dict(
+        sct_baseline=_fake_entry("sct", {1: base[0], 2: base[1]}),
+        sct_no_warmup=_fake_entry("sct", {1: far[0], 2: near[1]}),
+        scd_baseline=_fake_entry("scd", {1: base[0], 2: base[1]}),
+        scd_no_warmup=_fake_entry("scd", {1: base[0] - 5.0 * (spread + 0.1), 2: base[1]}),
+        scd_fp16_jvp=_fake_entry("scd", {1: base[0]}, status="diverged")))
+    lines = stabilizers.table(results).splitlines()
+    assert lines[0].startswith("| variant (3 seeds) |")
+    by_label = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
+    assert set(by_label) == {"all stabilizers", "no tangent warm-up", "float16 JVP, rearranged"}
+    sct1, sct2, scd1, scd2 = (c.strip(" |") for c in by_label["no tangent warm-up"])
+    assert sct1.endswith("(worse)") and sct1.startswith(f"{far[0].mean():.3f} ± ")
+    assert "(" not in sct2 and scd1.endswith("(better)") and "(" not in scd2
+    assert [c.strip(" |") for c in by_label["float16 JVP, rearranged"]] == [
+        "-", "-", "diverged", "diverged"]
+    assert not any("(" in c for c in by_label["all stabilizers"])
+
+
 @pytest.mark.slow
 def test_stabilizers_each_switch_trains_or_is_reported_diverged(tmp_path, teacher_workdir,
                                                                   monkeypatch):
@@ -226,6 +261,7 @@ def test_stabilizers_each_switch_trains_or_is_reported_diverged(tmp_path, teache
     assert results["runs"]["sct_adagn"]["teacher"] == "adagn"
     huge = results["runs"]["sct_lr_huge"]
     assert huge["status"] == "diverged" and "non-finite" in huge["message"] and not huge["rows"]
+    assert (tmp_path / "stabilizers.md").read_text() == stabilizers.table(results) + "\n"
 
 
 @pytest.mark.slow

@@ -53,7 +53,8 @@ class Study:
     """name; runs(size, config) -> [Run]; plot(results, path); the teachers the runs name
     (id -> overrides; 'base' is the experiment's own), each scored with the evaluation
     overrides teacher_eval_overrides(size); finish, when given, adds to the results after the
-    runs (before the plot)."""
+    runs (before the plot); table, when given, makes the study's markdown table from the results
+    (written to <workdir>/<name>.md and printed at the end)."""
 
     name: str
     description: str
@@ -62,6 +63,7 @@ class Study:
     teachers: dict = dataclasses.field(default_factory=lambda: {"base": ()})
     teacher_eval_overrides: Callable = lambda size: ()
     finish: Callable | None = None   # finish(results, config, log): extra measurements, once
+    table: Callable | None = None    # table(results) -> markdown
 
 
 def _define_flags(fv) -> None:
@@ -183,6 +185,10 @@ def run_study(study: Study, *, workdir, config="experiments/digits.py", size="fu
     save()
     png = os.path.join(workdir, f"{study.name}.png")
     study.plot(results, png)
+    if study.table is not None:
+        text = study.table(results)
+        files.write_text(os.path.join(workdir, f"{study.name}.md"), text + "\n")
+        log(text)
     log(f"[study] {study.name}: {path}, {png}")
     return results
 

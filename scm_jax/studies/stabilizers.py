@@ -58,6 +58,39 @@ def runs(size, config):
     return out
 
 
+def table(results) -> str:
+    """The study's markdown table: one row per switch that has run, the 1- and 2-step FD of sCT
+    and sCD (mean +- spread over the seeds that finished), each marked 'better' / 'worse' where
+    it differs from all stabilizers by more than the larger spread (`runner.compare`), and
+    'diverged' where training stopped on a non-finite step."""
+    def cell(stage, vid, nfe):
+        entry = results["runs"].get(f"{stage}_{vid}")
+        if entry is None:
+            return "-"
+        if entry.get("status") == "diverged":
+            return "diverged"
+        row = runner.best_row(entry, nfe)
+        if row is None:
+            return "-"
+        text = (f"{row['fd']:.3f} ± {row['fd_std']:.3f}" if row.get("n", 1) > 1
+                else f"{row['fd']:.3f}")
+        base = results["runs"].get(f"{stage}_baseline")
+        ref = runner.best_row(base, nfe) if base and vid != "baseline" else None
+        verdict = runner.compare(row, ref) if ref else "inconclusive"
+        return text + {"lower": " (better)", "higher": " (worse)"}.get(verdict, "")
+
+    seeds = sorted({1 + len(e.get("seeds", {})) for e in results["runs"].values()}) or [1]
+    head = (f"| variant ({'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}) | "
+            f"sCT 1-step | sCT 2-step | sCD 1-step | sCD 2-step |")
+    lines = [head, "|---|---|---|---|---|"]
+    for vid, label, _, _ in VARIANTS:
+        if not any(f"{stage}_{vid}" in results["runs"] for stage, _ in STAGES):
+            continue
+        cells = [cell(stage, vid, nfe) for stage, _ in STAGES for nfe in (1, 2)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(results, path):
     import matplotlib
 
@@ -96,7 +129,8 @@ def plot(results, path):
     runner.save_figure(plt, fig, path, dpi=90)
 
 
-STUDY = runner.Study("stabilizers", __doc__.split("\n\n")[0], runs, plot, teachers=TEACHERS)
+STUDY = runner.Study("stabilizers", __doc__.split("\n\n")[0], runs, plot, teachers=TEACHERS,
+                     table=table)
 
 if __name__ == "__main__":
     sys.exit(runner.main(STUDY))
