@@ -76,11 +76,50 @@ def _fingerprint_leaves(leaves):
     return out
 
 
+# A tree this small whose arrays all live in this process is fingerprinted on the host, in
+# numpy: the same exact integer sum, without compiling the per-leaf program (3-4 s per tree
+# structure on a CPU, once per stage and per snapshot tree: most of a small stage's checkpoint
+# cost). Larger or multi-process trees are fingerprinted where they live.
+HOST_BYTES = 64 << 20
+
+
+def _host_words(a: np.ndarray) -> np.ndarray:
+    """`_words` in numpy (the same 32-bit words, in the same order)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype == np.bool_:
+        return a.astype(np.uint32).reshape(-1)
+    if a.dtype.itemsize in (4, 8):
+        return a.reshape(-1).view(np.uint32)
+    if a.dtype.itemsize == 2:
+        return a.reshape(-1).view(np.uint16).astype(np.uint32)
+    return a.astype(np.uint32).reshape(-1)
+
+
+def _host_fingerprint(a: np.ndarray) -> int:
+    words = _host_words(a)
+    weights = (np.arange(words.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)) * _MIX
+    return int(np.sum(words * weights, dtype=np.uint32))
+
+
+def _on_host(leaves) -> bool:
+    """True when every leaf is addressable from this process and they total <= HOST_BYTES."""
+    total = 0
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return False
+        total += np.dtype(leaf.dtype).itemsize * int(np.prod(np.shape(leaf)))
+    return total <= HOST_BYTES
+
+
 def fingerprints(tree) -> dict:
     """{leaf path: 32-bit fingerprint} of every array of `tree` (see the comment above)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     names = [_path_name(path) for path, _ in flat]
-    values = jax.device_get(_fingerprint_leaves([leaf for _, leaf in flat]))
+    leaves = [leaf for _, leaf in flat]
+    if _on_host(leaves):
+        values = [_host_fingerprint(np.asarray(a)) for a in jax.device_get(leaves)]
+    else:
+        values = jax.device_get(_fingerprint_leaves(leaves))
     return {name: int(v) for name, v in zip(names, values)}
 
 
@@ -99,5 +138,11 @@ def finite(tree) -> jax.Array:
 
 
 def all_finite(tree) -> bool:
-    """True when every floating-point value of `tree` is finite."""
+    """True when every floating-point value of `tree` is finite (checked on the host for a
+    small tree of this process's arrays, as `fingerprints`)."""
+    leaves = jax.tree.leaves(tree)
+    if _on_host(leaves):
+        return all(np.isfinite(np.asarray(a, np.float32) if a.dtype.itemsize < 4
+                               else np.asarray(a)).all()
+                   for a in jax.device_get(leaves) if jnp.issubdtype(a.dtype, jnp.inexact))
     return bool(jax.jit(finite)(tree))
