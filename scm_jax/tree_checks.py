@@ -107,7 +107,8 @@ def _on_host(leaves) -> bool:
     for leaf in leaves:
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             return False
-        total += np.dtype(leaf.dtype).itemsize * int(np.prod(np.shape(leaf)))
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+        total += np.dtype(dtype).itemsize * int(np.prod(np.shape(leaf)))
     return total <= HOST_BYTES
 
 
@@ -115,7 +116,8 @@ def fingerprints(tree) -> dict:
     """{leaf path: 32-bit fingerprint} of every array of `tree` (see the comment above)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     names = [_path_name(path) for path, _ in flat]
-    leaves = [leaf for _, leaf in flat]
+    # As the compiled program sees them (a Python or float64 numpy leaf as a jax array).
+    leaves = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf) for _, leaf in flat]
     if _on_host(leaves):
         values = [_host_fingerprint(np.asarray(a)) for a in jax.device_get(leaves)]
     else:
@@ -142,7 +144,7 @@ def all_finite(tree) -> bool:
     small tree of this process's arrays, as `fingerprints`)."""
     leaves = jax.tree.leaves(tree)
     if _on_host(leaves):
-        return all(np.isfinite(np.asarray(a, np.float32) if a.dtype.itemsize < 4
-                               else np.asarray(a)).all()
-                   for a in jax.device_get(leaves) if jnp.issubdtype(a.dtype, jnp.inexact))
+        arrays = [np.asarray(a) for a in jax.device_get(leaves)]
+        return all(np.isfinite(a.astype(np.float32) if a.dtype.itemsize < 4 else a).all()
+                   for a in arrays if jnp.issubdtype(a.dtype, jnp.inexact))
     return bool(jax.jit(finite)(tree))
