@@ -86,8 +86,6 @@ HOST_BYTES = 64 << 20
 def _host_words(a: np.ndarray) -> np.ndarray:
     """`_words` in numpy (the same 32-bit words, in the same order)."""
     a = np.ascontiguousarray(a)
-    if a.dtype == np.bool_:
-        return a.astype(np.uint32).reshape(-1)
     if a.dtype.itemsize in (4, 8):
         return a.reshape(-1).view(np.uint32)
     if a.dtype.itemsize == 2:
@@ -145,6 +143,5 @@ def all_finite(tree) -> bool:
     leaves = jax.tree.leaves(tree)
     if _on_host(leaves):
         arrays = [np.asarray(a) for a in jax.device_get(leaves)]
-        return all(np.isfinite(a.astype(np.float32) if a.dtype.itemsize < 4 else a).all()
-                   for a in arrays if jnp.issubdtype(a.dtype, jnp.inexact))
+        return all(np.isfinite(a).all() for a in arrays if jnp.issubdtype(a.dtype, jnp.inexact))
     return bool(jax.jit(finite)(tree))
