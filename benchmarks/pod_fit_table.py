@@ -45,9 +45,12 @@ def _compile_seconds(r: dict) -> str:
 
 
 def above_peak(r: dict | None) -> bool:
-    """Whether the compiler's compute estimate implies more than the chip's peak FLOP/s."""
+    """Whether the compiler's compute estimate implies more than the chip's peak FLOP/s, or
+    is its fraction of a second only (unestimated operations the check does not recognise)."""
     if not r or not r.get("fits"):
         return False
+    if r.get("compute_seconds_ambiguous"):
+        return True
     # Recomputed from the figures, with a relative 1e-9 of slack (a roofline's compute time is
     # FLOPs / peak exactly; entries written before the slack carry a rounding-error flag).
     return bool(r["flops_per_step"]
@@ -106,8 +109,9 @@ def format_tables(results: dict, presets, stages, platforms=TPU_PLATFORMS) -> st
     flat = [r for r in results.values() if isinstance(r, dict)]
     if any(above_peak(r) for r in flat):
         notes.append("! the compiler's compute estimate implies more than the chip's peak "
-                     "FLOP/s for the step's FLOPs (this step's, or for the ratio the teacher "
-                     "step's): that time, MFU or ratio is not credible.")
+                     "FLOP/s for the step's FLOPs, or is its fraction of a second only (this "
+                     "step's, or for the ratio the teacher step's): that time, MFU or ratio is "
+                     "not credible.")
     if any(r.get("fits") and "lower_seconds" not in r for r in flat):
         notes.append("\\* seconds of the whole check (the stage's and the teacher's compiles), "
                      "recorded before each step was compiled alone.")

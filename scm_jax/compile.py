@@ -141,6 +141,20 @@ def _memory(compiled) -> dict:
         peak_bytes=int(peak))
 
 
+# Custom calls whose time the TPU compiler's cost model does not estimate: `optimal_seconds`
+# counts each as -1 s (libtpu 0.0.42.1). ZeroCrop crops a padded layout to its logical size,
+# e.g. each leaf's boolean flag of the train step's non-finite guard (`tree_checks.finite`).
+UNESTIMATED_CUSTOM_CALLS = ("ZeroCrop",)
+
+
+def unestimated_ops(hlo_text: str) -> int:
+    """How many operations of a compiled TPU program the compiler's `optimal_seconds` counts
+    as -1 s: its custom calls to `UNESTIMATED_CUSTOM_CALLS`, each instruction once (a loop
+    body's too, as the cost analysis counts it)."""
+    return sum(hlo_text.count(f'custom_call_target="{target}"')
+               for target in UNESTIMATED_CUSTOM_CALLS)
+
+
 def compiled_figures(compiled, mesh, topology=None) -> dict:
     """Per-chip memory, FLOPs and estimated seconds of a program compiled for `mesh` (GPU
     nodes: `topology`, a `gpu_nodes.GpuTopology`, and the roofline of `gpu_roofline`)."""
@@ -153,10 +167,14 @@ def compiled_figures(compiled, mesh, topology=None) -> dict:
                     largest_buffers=hlo_breakdown(text)["largest_buffers"])
     cost = step_cost.cost_analysis(compiled)
     breakdown = hlo_breakdown(text)
-    # optimal_seconds counts each operation it cannot estimate (the collectives) as -1 s: take
-    # those out, and add the collectives' bytes over the chip's interconnect bandwidth instead.
+    # optimal_seconds counts each operation it cannot estimate as -1 s: count those in the
+    # program and take them out (a ceiling of -raw would lose whole seconds of a step longer
+    # than 1 s); the collectives' bytes over the interconnect are added below.
     raw = float(cost.get("optimal_seconds", float("nan")))
-    unknown = math.ceil(-raw - 1e-6) if raw < 0 else 0
+    unknown = unestimated_ops(text)
+    ambiguous = raw + unknown < -1e-3          # more -1 s than the ops known to give them
+    if ambiguous:
+        unknown = math.ceil(-raw - 1e-6)      # the fraction only: whole seconds may be missing
     compute = raw + unknown
     # The cost analysis counts a loop body (scanned blocks) once: add the matmul FLOPs of the
     # other trips, and scale the compute time by the same factor (an approximation).
@@ -171,8 +189,11 @@ def compiled_figures(compiled, mesh, topology=None) -> dict:
     communication = sum(breakdown["collective_bytes"].values()) / bandwidth
     return dict(
         _memory(compiled), flops=flops, loop_flops_added=loops["extra_flops"],
-        seconds=compute + communication, compute_seconds=compute,
-        communication_seconds=communication, unestimated_ops=unknown, compiled=compiled,
+        compiler_flops=float(cost.get("flops", float("nan"))), compiler_seconds=raw,
+        loop_trips=[trips for _, trips in loops["loops"]], seconds=compute + communication,
+        compute_seconds=compute,
+        communication_seconds=communication, unestimated_ops=unknown,
+        compute_seconds_ambiguous=ambiguous, compiled=compiled,
         time_source="the TPU compiler's estimate (a lower bound) + collectives over ICI",
         **breakdown)
 
@@ -369,6 +390,11 @@ def check(config, name: str, topology: Topology, *, log=print, teacher_cache=Non
         lowered_flops_per_step=report["lowered_flops"],
         flops_per_step=report.get("flops"), step_seconds=report.get("seconds"),
         compute_seconds=report.get("compute_seconds"),
+        compiler_flops_per_step=report.get("compiler_flops"),
+        compiler_seconds=report.get("compiler_seconds"),
+        loop_flops_added_per_step=report.get("loop_flops_added"),
+        loop_trips=report.get("loop_trips"), unestimated_ops=report.get("unestimated_ops"),
+        compute_seconds_ambiguous=report.get("compute_seconds_ambiguous"),
         communication_seconds=report.get("communication_seconds"),
         time_source=report.get("time_source"),
         collective_bytes_per_chip=report.get("collective_bytes"),

@@ -183,6 +183,9 @@ def format_report(r: dict) -> str:
             f"{r['compiled_flops_vs_teacher']:.2f}x")
     elif r.get("teacher_fits") is False:
         lines.append("  the teacher step does not fit this slice: no time ratio")
+    if r.get("compute_seconds_ambiguous"):
+        lines.append("  warning: the compiler left more operations unestimated than the check "
+                     "recognises: the estimated time is its fraction of a second only")
     if r.get("estimate_above_peak"):
         lines.append("  warning: the compiler's compute estimate implies more than the chip's "
                      "peak FLOP/s for this step's FLOPs: its time (and MFU) is not credible")

@@ -148,6 +148,45 @@ def test_arguments_beyond_hbm_do_not_fit_without_a_compile():
     assert r["flops_vs_teacher"] > 1
 
 
+def test_unestimated_ops_are_taken_out_of_a_step_estimated_above_one_second(v5p8):
+    """The compiler counts each op it does not estimate (the non-finite guard's ZeroCrop) as
+    -1 s: the estimate of a step over 1 s keeps its whole seconds, and equals the unguarded
+    step's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from scm_jax import tree_checks
+
+    mesh = Mesh(np.array(v5p8[1]).reshape(-1), ("d",))
+    rng = np.random.default_rng()
+    depth, leaves = int(rng.integers(6, 9)), int(rng.integers(3, 8))
+
+    def spec(shape, axis):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, P(axis)))
+
+    def matmuls(x, w):
+        for _ in range(depth):
+            x = jnp.tanh(x @ w)
+        return x
+
+    def guarded(x, w, flags):
+        return jnp.where(tree_checks.finite(flags), matmuls(x, w), 0)
+
+    x, w = spec((131072, 32768), "d"), spec((32768, 32768), None)
+    flags = [spec((4096, 256), "d") for _ in range(leaves)]
+    plain = cc.compiled_figures(jax.jit(matmuls).lower(x, w).compile(), mesh)
+    guard = cc.compiled_figures(jax.jit(guarded).lower(x, w, flags).compile(), mesh)
+    assert plain["unestimated_ops"] == 0 and guard["unestimated_ops"] == leaves
+    assert guard["compiler_seconds"] < 0 and not guard["compute_seconds_ambiguous"]
+    assert plain["compute_seconds"] > 1 and plain["flops"] <= plain["compute_seconds"] * 459e12
+    assert guard["compute_seconds"] == pytest.approx(plain["compute_seconds"], rel=1e-3)
+    # Had the count been the ceiling of -optimal_seconds, the whole seconds would be lost.
+    assert guard["compiler_seconds"] + np.ceil(-guard["compiler_seconds"]) < 1
+
+
 def test_the_mesh_is_fsdp_over_all_chips_unless_the_command_line_sets_one():
     v5p = cc.parse_topology("v5p-32")
     assert cc.mesh_overrides(["model.remat=block"], v5p) == (
