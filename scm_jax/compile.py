@@ -191,8 +191,7 @@ def compiled_figures(compiled, mesh, topology=None) -> dict:
         _memory(compiled), flops=flops, loop_flops_added=loops["extra_flops"],
         compiler_flops=float(cost.get("flops", float("nan"))), compiler_seconds=raw,
         loop_trips=[trips for _, trips in loops["loops"]], seconds=compute + communication,
-        compute_seconds=compute,
-        communication_seconds=communication, unestimated_ops=unknown,
+        compute_seconds=compute, communication_seconds=communication, unestimated_ops=unknown,
         compute_seconds_ambiguous=ambiguous, compiled=compiled,
         time_source="the TPU compiler's estimate (a lower bound) + collectives over ICI",
         **breakdown)
