@@ -178,7 +178,7 @@ def compiled_figures(compiled, mesh, topology=None) -> dict:
     compute = raw + unknown
     # The cost analysis counts a loop body (scanned blocks) once: add the matmul FLOPs of the
     # other trips, and scale the compute time by the same factor (an approximation).
-    flops = float(cost.get("flops", float("nan")))
+    compiler_flops = flops = float(cost.get("flops", float("nan")))
     loops = hlo_loops.loop_extra_flops(text)
     if loops["extra_flops"] and flops > 0:
         compute *= (flops + loops["extra_flops"]) / flops
@@ -189,7 +189,7 @@ def compiled_figures(compiled, mesh, topology=None) -> dict:
     communication = sum(breakdown["collective_bytes"].values()) / bandwidth
     return dict(
         _memory(compiled), flops=flops, loop_flops_added=loops["extra_flops"],
-        compiler_flops=float(cost.get("flops", float("nan"))), compiler_seconds=raw,
+        compiler_flops=compiler_flops, compiler_seconds=raw,
         loop_trips=[trips for _, trips in loops["loops"]], seconds=compute + communication,
         compute_seconds=compute, communication_seconds=communication, unestimated_ops=unknown,
         compute_seconds_ambiguous=ambiguous, compiled=compiled,
